@@ -1,0 +1,53 @@
+"""Box utilities for boxes in ``(x0, y0, x1, y1)`` format, continuous coordinates, in pixels."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._checks import check_boxes, check_same_device
+
+
+def box_area(boxes: Tensor) -> Tensor:
+    """Area ``(x1 - x0) * (y1 - y0)`` of each box.
+
+    Args:
+        boxes (Tensor[N, 4]): ``(x0, y0, x1, y1)``.
+
+    Returns:
+        Tensor[N]: areas, negative for inverted boxes (as ``torchvision.ops.box_area``).
+    """
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+
+def pairwise_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """:func:`box_iou` without input checks, for internal hot paths.
+
+    The arithmetic order (areas, intersection, ``inter / (a1 + a2 - inter)``) is the one
+    ``torchvision.ops.nms`` uses, so thresholding it reproduces torchvision's decisions bit for bit.
+    """
+    area1 = box_area(boxes1)
+    area2 = box_area(boxes2)
+    lt = torch.max(boxes1[:, None, :2], boxes2[None, :, :2])
+    rb = torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    return inter / (area1[:, None] + area2[None, :] - inter)
+
+
+def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """Intersection over union of every pair of boxes.
+
+    Args:
+        boxes1 (Tensor[N, 4]): ``(x0, y0, x1, y1)``, floating point.
+        boxes2 (Tensor[M, 4]): ``(x0, y0, x1, y1)``, same device as ``boxes1``.
+
+    Returns:
+        Tensor[N, M]: IoU in the promoted dtype of the inputs. Two zero-area boxes give
+        ``nan`` (0 / 0), as in torchvision; an inverted box has a negative area and its IoU
+        is not meaningful, but is defined by the same formula.
+    """
+    boxes1 = check_boxes("boxes1", boxes1)
+    boxes2 = check_boxes("boxes2", boxes2)
+    check_same_device(boxes1=boxes1, boxes2=boxes2)
+    return pairwise_iou(boxes1, boxes2)
