@@ -33,6 +33,9 @@ from ._checks import check_finite, check_floating, check_same_device, check_same
 # Upper bound on the elements of one gathered feature window (RoIs x rows x cols x channels);
 # RoIs are processed in chunks that stay below it, so a few huge boxes cannot exhaust memory.
 _WINDOW_BUDGET = 1 << 24
+# RoIs per chunk at most: large enough to amortize per-chunk overhead, small enough that sorting
+# by size keeps the windows of a chunk alike.
+_MAX_CHUNK = 128
 
 _THREADS = 256
 
@@ -102,15 +105,17 @@ def _axis_weights(start: Tensor, length: Tensor, bins: int, size: int) -> tuple[
     return weights, index.clamp(max=size - 1)
 
 
-def _prroi_pool_chunk(features: Tensor, rois: Tensor, ph: int, pw: int, spatial_scale: float) -> Tensor:
-    _, _, height, width = features.shape
+def _prroi_pool_chunk(table: Tensor, shape: torch.Size, rois: Tensor, ph: int, pw: int, spatial_scale: float) -> Tensor:
+    """PrRoIPool of some RoIs from ``table``, the ``(N, C, H, W)`` map ``shape`` laid out as ``(N*H*W, C)``."""
+    _, _, height, width = shape
     batch = rois[:, 0].long()
     x0, y0, x1, y1 = (rois[:, 1:] * spatial_scale).unbind(1)
     w = (x1 - x0).clamp(min=0)
     h = (y1 - y0).clamp(min=0)
     wy, rows = _axis_weights(y0, h, ph, height)  # (K, PH, Sy), (K, Sy)
     wx, cols = _axis_weights(x0, w, pw, width)  # (K, PW, Sx), (K, Sx)
-    window = features[batch[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (K, Sy, Sx, C)
+    flat = (batch[:, None, None] * height + rows[:, :, None]) * width + cols[:, None, :]  # (K, Sy, Sx)
+    window = table.index_select(0, flat.reshape(-1)).view(*flat.shape, -1)  # (K, Sy, Sx, C)
     partial = torch.einsum("kpi,kijc->kpjc", wy, window)  # (K, PH, Sx, C)
     integral = torch.einsum("kpjc,kqj->kcpq", partial, wx)  # (K, C, PH, PW)
     area = (w / pw) * (h / ph)
@@ -121,16 +126,35 @@ def _prroi_pool_chunk(features: Tensor, rois: Tensor, ph: int, pw: int, spatial_
 
 
 def _prroi_pool_cpu(features: Tensor, rois: Tensor, ph: int, pw: int, spatial_scale: float) -> Tensor:
-    """The reference path: pure PyTorch, differentiable by autograd, any device."""
+    """The reference path: pure PyTorch, differentiable by autograd, any device.
+
+    Each RoI reads a window of samples as large as the largest RoI in its chunk, so RoIs are
+    sorted by window size and chunked: similar sizes share a chunk, and a chunk's gathered
+    window stays under ``_WINDOW_BUDGET`` elements.
+    """
+    _, channels, height, width = features.shape
+    # Channels-last rows, so that each gathered sample is one contiguous C-vector and the
+    # backward is an index_add of rows.
+    table = features.permute(0, 2, 3, 1).reshape(-1, channels)  # (N*H*W, C)
     if rois.shape[0] == 0:
         # Still through the graph, so the (empty) gradient reaches ``features`` as zeros.
-        return _prroi_pool_chunk(features, rois, ph, pw, spatial_scale)
+        return _prroi_pool_chunk(table, features.shape, rois, ph, pw, spatial_scale)
     scaled = rois[:, 1:].detach() * spatial_scale
-    span_y = float((scaled[:, 3] - scaled[:, 1]).clamp(min=0).max()) + 3
-    span_x = float((scaled[:, 2] - scaled[:, 0]).clamp(min=0).max()) + 3
-    per_roi = min(span_y, features.shape[2]) * min(span_x, features.shape[3]) * features.shape[1]
-    chunk = max(1, int(_WINDOW_BUDGET // per_roi))
-    return torch.cat([_prroi_pool_chunk(features, r, ph, pw, spatial_scale) for r in rois.split(chunk)])
+    rows = ((scaled[:, 3] - scaled[:, 1]).clamp(min=0) + 3).clamp(max=height)
+    cols = ((scaled[:, 2] - scaled[:, 0]).clamp(min=0) + 3).clamp(max=width)
+    window = (rows * cols * channels).tolist()
+    order = sorted(range(len(window)), key=window.__getitem__)
+    outputs, start = [], 0
+    while start < len(order):
+        # The window at the chunk's furthest possible end bounds every window inside it.
+        bound = window[order[min(start + _MAX_CHUNK, len(order)) - 1]]
+        size = int(min(_MAX_CHUNK, max(1, _WINDOW_BUDGET // bound)))
+        index = torch.tensor(order[start:start + size], device=rois.device)
+        outputs.append(_prroi_pool_chunk(table, features.shape, rois[index], ph, pw, spatial_scale))
+        start += size
+    inverse = torch.empty(len(order), dtype=torch.long, device=rois.device)
+    inverse[torch.tensor(order, device=rois.device)] = torch.arange(len(order), device=rois.device)
+    return torch.cat(outputs)[inverse]
 
 
 _KERNEL_DTYPES = {torch.float32: ("float", np.float32), torch.float64: ("double", np.float64)}

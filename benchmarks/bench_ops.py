@@ -1,0 +1,150 @@
+"""Benchmark the ops against their torchvision peers in the same run.
+
+    python benchmarks/bench_ops.py [--device cpu|cuda|all] [--repeat N] [--quick]
+
+Prints a table and writes ``benchmarks/results/ops-<device name>.md`` and ``.json``. Timings are
+medians over ``--repeat`` runs after a warm-up; ratios (ours / peer) are what carries across
+machines. PrRoIPool's peer is ``torchvision.ops.roi_align`` (sampling_ratio 2, the usual setting):
+it reads 4 points per bin where PrRoIPool integrates exactly, so PrRoIPool does more work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torchvision
+
+from workbench import ops
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def timeit(fn: Callable[[], object], device: str, repeat: int) -> float:
+    """Median wall time of ``fn`` in milliseconds."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def fpn_like_inputs(device: str, quick: bool, seed: int = 0):
+    """Stride-8 FPN level of two 800x1216 images, 512 RoIs of 16-256 px (the scales that map there)."""
+    gen = torch.Generator().manual_seed(seed)
+    channels, h, w, k = (64, 50, 76, 128) if quick else (256, 100, 152, 512)
+    features = torch.randn(2, channels, h, w, generator=gen)
+    size = 16 + 240 * torch.rand(k, 2, generator=gen)
+    corner = torch.rand(k, 2, generator=gen) * (torch.tensor([w, h]) * 8 - size)
+    rois = torch.cat([torch.randint(0, 2, (k, 1), generator=gen).float(), corner, corner + size], 1)
+    return features.to(device), rois.to(device)
+
+
+def detection_inputs(device: str, n: int, seed: int = 0):
+    """``n`` boxes in clusters, as a detector emits them before NMS."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.rand(max(1, n // 20), 2, generator=gen) * 1000
+    pick = torch.randint(0, len(centres), (n,), generator=gen)
+    xy = centres[pick] + 10 * torch.randn(n, 2, generator=gen)
+    wh = 40 + 10 * torch.randn(n, 2, generator=gen).abs()
+    boxes = torch.cat([xy, xy + wh], 1)
+    scores = torch.rand(n, generator=gen)
+    ious = torch.rand(n, generator=gen)
+    return boxes.to(device), scores.to(device), ious.to(device)
+
+
+def run(device: str, repeat: int, quick: bool) -> list[dict]:
+    rows = []
+
+    def add(op: str, size: str, ours: Callable, peer: Callable | None, peer_name: str = "") -> None:
+        t_ours = timeit(ours, device, repeat)
+        t_peer = timeit(peer, device, repeat) if peer else None
+        rows.append({
+            "op": op, "size": size, "ours_ms": round(t_ours, 3),
+            "peer": peer_name, "peer_ms": None if t_peer is None else round(t_peer, 3),
+            "ratio": None if t_peer is None else round(t_ours / t_peer, 2),
+        })
+        print(f"  {op:<28} {size:<22} {t_ours:9.3f} ms" + (f"   {peer_name} {t_peer:9.3f} ms  x{t_ours / t_peer:.2f}" if t_peer else ""))
+
+    features, rois = fpn_like_inputs(device, quick)
+    size = f"{tuple(features.shape)} K={len(rois)}"
+    scale = 1 / 8
+    add("prroi_pool fwd 7x7", size, lambda: ops.prroi_pool(features, rois, 7, scale),
+        lambda: torchvision.ops.roi_align(features, rois, 7, scale, sampling_ratio=2), "roi_align")
+
+    f_grad, r_grad = features.clone().requires_grad_(True), rois.clone().requires_grad_(True)
+
+    def prroi_fwd_bwd():
+        ops.prroi_pool(f_grad, r_grad, 7, scale).sum().backward()
+
+    def roi_align_fwd_bwd():
+        torchvision.ops.roi_align(f_grad, rois, 7, scale, sampling_ratio=2).sum().backward()
+
+    add("prroi_pool fwd+bwd (f, box)", size, prroi_fwd_bwd, roi_align_fwd_bwd, "roi_align (f only)")
+
+    for n in ((500, 2000) if quick else (1000, 5000)):
+        boxes, scores, ious = detection_inputs(device, n)
+        add("nms 0.5", f"N={n}", lambda: ops.nms(boxes, scores, 0.5),
+            lambda: torchvision.ops.nms(boxes, scores, 0.5), "torchvision nms")
+        add("iou_guided_nms 0.5", f"N={n}", lambda: ops.iou_guided_nms(boxes, scores, ious, 0.5),
+            lambda: torchvision.ops.nms(boxes, ious, 0.5), "torchvision nms")
+        add("soft_nms linear", f"N={n}", lambda: ops.soft_nms(boxes, scores, method="linear"), None)
+        add("soft_nms gaussian", f"N={n}", lambda: ops.soft_nms(boxes, scores, method="gaussian"), None)
+    return rows
+
+
+def write(rows: list[dict], device: str) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = device_name(device)
+    meta = {"device": name, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "date": time.strftime("%Y-%m-%d")}
+    slug = "".join(c if c.isalnum() else "-" for c in ("cpu" if device == "cpu" else name)).strip("-").lower()
+    (RESULTS / f"ops-{slug}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    lines = [f"# Ops benchmark on {name}", "", f"torch {meta['torch']}, torchvision {meta['torchvision']}, "
+             f"{meta['date']}. Median ms; ratio = ours / peer (lower is better for us).", "",
+             "| op | size | ours (ms) | peer | peer (ms) | ratio |", "|---|---|---:|---|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['op']} | {r['size']} | {r['ours_ms']} | {r['peer']} | "
+                     f"{'' if r['peer_ms'] is None else r['peer_ms']} | {'' if r['ratio'] is None else r['ratio']} |")
+    path = RESULTS / f"ops-{slug}.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="smaller inputs, for a smoke run")
+    args = parser.parse_args()
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    if "cuda" in devices and not torch.cuda.is_available():
+        if args.device == "cuda":
+            raise SystemExit("--device cuda: no CUDA GPU is available")
+        devices.remove("cuda")
+    for device in devices:
+        print(f"{device_name(device)}:")
+        rows = run(device, args.repeat, args.quick)
+        print(f"wrote {write(rows, device)}")
+
+
+if __name__ == "__main__":
+    main()

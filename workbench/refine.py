@@ -1,0 +1,162 @@
+"""Box refinement: the paper's optimization-based refinement (Algorithm 2) and the iterative
+bounding-box regression it is compared with (Sec. 2.2, Fig. 4).
+
+Optimization-based refinement treats the IoU predictor as an objective and climbs its gradient
+w.r.t. the box coordinates, which PrRoI Pooling makes continuous. Each step is scaled per axis
+by the box's own width and height (Sec. 3.3: equivalent to optimizing in log-scaled
+coordinates), and each box stops on its own: when its predicted IoU no longer changes
+(``|new - prev| < omega1``) or when it drops by more than the tolerance (``new - prev < omega2``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .ops._checks import check_boxes
+
+# Stop reasons recorded per box, in the order Algorithm 2 tests them.
+RUNNING, CONVERGED, DEGENERATED = 0, 1, 2
+STOP_REASONS = {RUNNING: "T (ran every iteration)", CONVERGED: "Ω1 (converged)", DEGENERATED: "Ω2 (degenerated)"}
+
+
+@dataclass
+class Refinement:
+    """What :func:`optimize_boxes` did, step by step, for every box.
+
+    Attributes:
+        boxes (Tensor[K, 4]): final boxes ``(x0, y0, x1, y1)``.
+        scores (Tensor[K]): predicted IoU of the final boxes.
+        trajectory (Tensor[T + 1, K, 4]): boxes before the first step and after each step; a
+            stopped box repeats its final coordinates.
+        predicted (Tensor[T + 1, K]): predicted IoU of ``trajectory``.
+        gradients (Tensor[T, K, 4]): the scaled gradient ``scale(grad, b)`` applied at each step
+            (zero once a box has stopped).
+        stop_step (Tensor[K] int64): number of steps the box took (``T`` if it never stopped).
+        stop_reason (Tensor[K] int64): ``RUNNING`` (ran all ``T`` steps), ``CONVERGED`` (Ω1) or
+            ``DEGENERATED`` (Ω2); see ``STOP_REASONS``.
+    """
+
+    boxes: Tensor
+    scores: Tensor
+    trajectory: Tensor
+    predicted: Tensor
+    gradients: Tensor
+    stop_step: Tensor
+    stop_reason: Tensor
+
+
+def _score_and_gradient(score_fn: Callable[[Tensor], Tensor], boxes: Tensor) -> tuple[Tensor, Tensor]:
+    with torch.enable_grad():
+        b = boxes.detach().requires_grad_(True)
+        scores = score_fn(b)
+        if scores.shape != boxes.shape[:1]:
+            raise ValueError(f"score_fn must return one score per box, shape ({len(boxes)},), got {tuple(scores.shape)}")
+        # Boxes are scored independently, so the gradient of the sum is each box's own gradient.
+        (grad,) = torch.autograd.grad(scores.sum(), b)
+    return scores.detach(), grad
+
+
+def box_size_scale(boxes: Tensor) -> Tensor:
+    """Per-coordinate step scale ``(w, h, w, h)`` of each box (Algorithm 2, line 6; Sec. 3.3)."""
+    w = (boxes[:, 2] - boxes[:, 0]).clamp(min=0)
+    h = (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
+    return torch.stack([w, h, w, h], dim=1)
+
+
+def optimize_boxes(
+    score_fn: Callable[[Tensor], Tensor],
+    boxes: Tensor,
+    iterations: int = 5,
+    step_size: float = 0.5,
+    early_stop: float = 0.001,
+    degeneration: float = -0.01,
+) -> Refinement:
+    """Optimization-based bounding-box refinement (Algorithm 2), batched over boxes.
+
+    Args:
+        score_fn: maps boxes ``Tensor[K, 4]`` to predicted IoUs ``Tensor[K]``, differentiable
+            w.r.t. the boxes and independent across boxes (e.g. an IoU-Net head in eval mode on
+            fixed image features).
+        boxes (Tensor[K, 4]): initial boxes ``(x0, y0, x1, y1)`` in the coordinates ``score_fn``
+            expects; the paper starts from one step of box regression.
+        iterations: ``T``, the maximum number of steps (paper: 5).
+        step_size: ``λ`` (paper: 0.5).
+        early_stop: ``Ω1 > 0``: a box stops once ``|new - prev| < Ω1`` (paper: 0.001).
+        degeneration: ``Ω2 < 0``: a box stops once ``new - prev < Ω2`` (paper: -0.01). As in
+            Algorithm 2 the degrading step itself is kept; the box takes no further step.
+
+    Returns:
+        Refinement: final boxes and scores plus the full per-step record.
+    """
+    boxes = check_boxes("boxes", boxes)
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
+        raise ValueError(f"iterations must be an int >= 0, got {iterations!r}")
+    if not step_size > 0:
+        raise ValueError(f"step_size must be > 0, got {step_size}")
+    if not early_stop >= 0:
+        raise ValueError(f"early_stop (Ω1) must be >= 0, got {early_stop}")
+    if not degeneration < 0:
+        raise ValueError(f"degeneration (Ω2) must be < 0, got {degeneration}")
+
+    k = len(boxes)
+    boxes = boxes.detach().clone()
+    active = torch.ones(k, dtype=torch.bool, device=boxes.device)
+    stop_step = torch.full((k,), iterations, dtype=torch.long, device=boxes.device)
+    stop_reason = torch.full((k,), RUNNING, dtype=torch.long, device=boxes.device)
+    trajectory, predicted, gradients = [boxes.clone()], [], []
+
+    prev, grad = _score_and_gradient(score_fn, boxes)
+    predicted.append(prev)
+    for step in range(1, iterations + 1):
+        update = step_size * box_size_scale(boxes) * grad * active[:, None]
+        boxes = boxes + update
+        # The new score and its gradient come from one forward/backward: the gradient is the
+        # next step's, so each step costs one evaluation.
+        new, grad = _score_and_gradient(score_fn, boxes)
+        new = torch.where(active, new, prev)
+        delta = new - prev
+        converged = active & (delta.abs() < early_stop)
+        degenerated = active & ~converged & (delta < degeneration)
+        stop_reason[converged] = CONVERGED
+        stop_reason[degenerated] = DEGENERATED
+        stop_step[converged | degenerated] = step
+        active &= ~(converged | degenerated)
+        trajectory.append(boxes.clone())
+        predicted.append(new)
+        gradients.append(update)
+        prev = new
+    return Refinement(
+        boxes=boxes,
+        scores=prev,
+        trajectory=torch.stack(trajectory),
+        predicted=torch.stack(predicted),
+        gradients=torch.stack(gradients) if gradients else boxes.new_zeros((0, k, 4)),
+        stop_step=stop_step,
+        stop_reason=stop_reason,
+    )
+
+
+def iterative_regression(regress_fn: Callable[[Tensor], Tensor], boxes: Tensor, iterations: int) -> list[Tensor]:
+    """Apply a box regressor to its own output ``iterations`` times (the baseline of Sec. 2.2).
+
+    Args:
+        regress_fn: maps boxes ``Tensor[K, 4]`` to regressed boxes ``Tensor[K, 4]`` (e.g. re-pool
+            the boxes and apply the detector's class-specific box regressor).
+        boxes (Tensor[K, 4]): starting boxes ``(x0, y0, x1, y1)``.
+        iterations: number of regression steps.
+
+    Returns:
+        list of ``iterations + 1`` tensors ``[K, 4]``: the boxes before and after each step.
+    """
+    boxes = check_boxes("boxes", boxes)
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
+        raise ValueError(f"iterations must be an int >= 0, got {iterations!r}")
+    steps = [boxes]
+    with torch.no_grad():
+        for _ in range(iterations):
+            steps.append(regress_fn(steps[-1]))
+    return steps
