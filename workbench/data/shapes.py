@@ -14,6 +14,7 @@ split does not depend on how many images were asked for, and the same seed gives
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,12 +84,12 @@ def write_split(folder: Path, split: str, seed: int, num_images: int, image_size
     images, annotations = [], []
     for index in tqdm(range(num_images), desc=f"shapes {split}", unit="img", disable=None):
         rng = np.random.default_rng([seed, SPLITS.index(split), index])
-        pixels, boxes, labels = draw_scene(rng, image_size)
+        scene = draw_scene(rng, image_size)
         file_name = f"{split}/{index:06d}.png"
-        Image.fromarray(pixels).save(image_dir(folder) / file_name, compress_level=6)
+        Image.fromarray(scene.pixels).save(image_dir(folder) / file_name, compress_level=6)
         image_id = index + 1
         images.append({"id": image_id, "file_name": file_name, "width": image_size, "height": image_size})
-        for (x0, y0, x1, y1), label in zip(boxes, labels):
+        for (x0, y0, x1, y1), label in zip(scene.boxes, scene.labels):
             w, h = x1 - x0, y1 - y0
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": label,
                                 "bbox": [x0, y0, w, h], "area": w * h, "iscrowd": 0})
@@ -99,13 +100,18 @@ def write_split(folder: Path, split: str, seed: int, num_images: int, image_size
     return coco
 
 
-def draw_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[tuple[int, int, int, int]], list[int]]:
-    """One image: background, then objects painted back to front.
+@dataclass
+class Scene:
+    """One generated image and its objects."""
 
-    Returns:
-        pixels (uint8 array[size, size, 3]), boxes ``[(x0, y0, x1, y1)]`` (integer pixel edges, tight
-        around the visible pixels), labels (1-based, see ``CLASS_NAMES``).
-    """
+    pixels: np.ndarray  # uint8 array[size, size, 3]
+    boxes: list[tuple[int, int, int, int]]  # (x0, y0, x1, y1) pixel edges, tight around the visible pixels
+    labels: list[int]  # 1-based, see CLASS_NAMES
+    owner: np.ndarray  # int array[size, size]: index of the object seen at each pixel, -1 for background
+
+
+def draw_scene(rng: np.random.Generator, size: int) -> Scene:
+    """One image: background, then objects painted back to front."""
     image = draw_background(rng, size)  # (H, W, 3) float in [0, 1]
     owner = np.full((size, size), -1, dtype=np.int64)  # index of the object on top of each pixel, -1 = none
     areas: list[int] = []  # full pixel count of each placed object
@@ -133,7 +139,7 @@ def draw_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[tu
     image += NOISE_STD * rng.standard_normal(image.shape)
     pixels = (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     boxes = [_visible_box(owner, k, placed[k]) for k in range(len(placed))]
-    return pixels, boxes, labels
+    return Scene(pixels, boxes, labels, owner)
 
 
 def draw_background(rng: np.random.Generator, size: int) -> np.ndarray:
