@@ -5,6 +5,18 @@ pure PyTorch; CUDA tensors run the CuPy kernels in ``kernels/`` through the same
 """
 
 from .boxes import box_area, box_iou
+from .nms import batched_iou_guided_nms, batched_nms, batched_soft_nms, iou_guided_nms, nms, soft_nms
 from .prroi_pool import PrRoIPool, prroi_pool
 
-__all__ = ["box_area", "box_iou", "prroi_pool", "PrRoIPool"]
+__all__ = [
+    "box_area",
+    "box_iou",
+    "prroi_pool",
+    "PrRoIPool",
+    "nms",
+    "soft_nms",
+    "iou_guided_nms",
+    "batched_nms",
+    "batched_soft_nms",
+    "batched_iou_guided_nms",
+]
