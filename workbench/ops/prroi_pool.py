@@ -115,7 +115,7 @@ def _prroi_pool_chunk(table: Tensor, shape: torch.Size, rois: Tensor, ph: int, p
     wy, rows = _axis_weights(y0, h, ph, height)  # (K, PH, Sy), (K, Sy)
     wx, cols = _axis_weights(x0, w, pw, width)  # (K, PW, Sx), (K, Sx)
     flat = (batch[:, None, None] * height + rows[:, :, None]) * width + cols[:, None, :]  # (K, Sy, Sx)
-    window = table.index_select(0, flat.reshape(-1)).view(*flat.shape, -1)  # (K, Sy, Sx, C)
+    window = table.index_select(0, flat.reshape(-1)).view(*flat.shape, table.shape[1])  # (K, Sy, Sx, C)
     partial = torch.einsum("kpi,kijc->kpjc", wy, window)  # (K, PH, Sx, C)
     integral = torch.einsum("kpjc,kqj->kcpq", partial, wx)  # (K, C, PH, PW)
     area = (w / pw) * (h / ph)
