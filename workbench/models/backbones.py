@@ -61,7 +61,9 @@ def build_backbone(
     """
     if name not in BACKBONES:
         raise ValueError(f"backbone must be one of {BACKBONES}, got {name!r}")
-    trainable_layers = _validate_trainable_layers(pretrained, trainable_layers, _MAX_TRAINABLE[name], _DEFAULT_TRAINABLE)
+    trainable_layers = _validate_trainable_layers(
+        pretrained, trainable_layers, _MAX_TRAINABLE[name], _DEFAULT_TRAINABLE
+    )
     # Frozen statistics only make sense for trained ones; random init needs real batch norm.
     norm_layer: type[nn.Module] = misc_nn_ops.FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
     if name == "mobilenet_v2":
@@ -71,7 +73,7 @@ def build_backbone(
             try:
                 ensure_mobilenet_v2_weights()
             except RuntimeError as e:  # torchvision may still download the file itself
-                warnings.warn(f"{e}\nFalling back to torchvision's own download.")
+                warnings.warn(f"{e}\nFalling back to torchvision's own download.", stacklevel=2)
         return mobilenet_backbone(
             backbone_name="mobilenet_v2",
             weights=weights,
