@@ -1,0 +1,301 @@
+"""Inference as the paper runs it, image by image: detector, IoU prediction, the four NMS variants,
+optimization-based refinement and iterative regression, each stage timed.
+
+    out = run_pipeline(dataset, detector, iou_net, settings=PipelineSettings(), joint=joint_model)
+    out.sets["iou-nms"]          # COCO results after IoU-guided NMS
+    out.sets["nms+refine/3"]     # after NMS and 3 steps of Algorithm 2
+    out.trajectories             # every refined box, step by step (IoU-NMS + refinement)
+
+Detection sets are COCO results lists (``bbox`` ``[x, y, w, h]`` in original pixels, ``score``,
+``category_id``, ``image_id``; raw detections also carry ``iou_pred``), the input of
+``workbench.analysis``. Under ``torchrun`` each rank takes every ``world_size``-th image and rank 0
+gathers the results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from . import distributed
+from .models import extract_features, raw_detections, regress_boxes, to_coco_results
+from .ops.boxes import pairwise_iou
+from .postprocess import METHODS, suppress
+from .refine import iterative_regression, optimize_boxes
+from .trajectories import Trajectories
+
+
+@dataclass
+class PipelineSettings:
+    score_thresh: float = 0.05  # raw detections: class score above this (torchvision's default)
+    raw_max_detections: int = 1000  # cap on raw (No-NMS) detections per image, highest scores first
+    nms_threshold: float = 0.5  # Ω_nms of NMS and IoU-guided NMS
+    soft_nms_method: str = "linear"  # Soft-NMS decay: "linear" or "gaussian" (Bodla et al.)
+    soft_nms_sigma: float = 0.5  # Gaussian Soft-NMS σ
+    soft_nms_threshold: float = 0.3  # linear Soft-NMS overlap threshold
+    max_detections: int = 100  # detections per image after suppression (COCO's maxDets)
+    refine_top: int = 100  # refine the highest-scored boxes after suppression (paper: 100)
+    refine_iterations: int = 5  # T (paper: 5)
+    refine_step_size: float = 0.5  # λ (paper: 0.5)
+    refine_early_stop: float = 0.001  # Ω1 (paper: 0.001)
+    refine_degeneration: float = -0.01  # Ω2 (paper: -0.01)
+    regression_iterations: int = 5  # iterative box regression steps (Fig. 4's baseline)
+    max_images: int = 0  # evaluate the first N images only (0: all)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class PipelineOutput:
+    """Everything the analyses need, gathered on rank 0.
+
+    Attributes:
+        sets: name -> COCO results. Names: ``raw`` (no NMS, with ``iou_pred``), ``nms``,
+            ``soft-nms``, ``iou-nms``, ``nms+refine/<t>`` and ``iou-nms+refine/<t>`` (Algorithm 2
+            after t steps), ``nms+regress/<t>`` (t steps of iterative regression), and with a joint
+            model ``joint/nms``, ``joint/iou-nms``, ``joint/iou-nms+refine``.
+        seconds: stage -> list of seconds per image.
+        trajectories: the refinement record of ``iou-nms+refine``.
+        image_ids: the images evaluated.
+    """
+
+    sets: dict[str, list[dict]] = field(default_factory=dict)
+    seconds: dict[str, list[float]] = field(default_factory=dict)
+    trajectories: Trajectories | None = None
+    image_ids: list[int] = field(default_factory=list)
+
+
+class _Clock:
+    """Per-stage wall time of one image; synchronizes CUDA so times are the GPU's too."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def stage(self, name: str):
+        clock = self
+
+        class _Stage:
+            def __enter__(self):
+                if clock.device.type == "cuda":
+                    torch.cuda.synchronize(clock.device)
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                if clock.device.type == "cuda":
+                    torch.cuda.synchronize(clock.device)
+                clock.seconds[name] += time.perf_counter() - self.start
+
+        return _Stage()
+
+
+def _iou_scorer(model: nn.Module, feats, labels: Tensor) -> Callable[[Tensor], Tensor]:
+    """``boxes -> predicted IoU`` on fixed features: the objective Algorithm 2 climbs."""
+    return lambda boxes: model.predict_iou(feats, [boxes], [labels])[0]
+
+
+def _refine_steps(model: nn.Module, feats, det: dict[str, Tensor], s: PipelineSettings):
+    """Algorithm 2 on the ``refine_top`` highest-scored boxes of ``det``; returns the Refinement."""
+    top = {k: v[: s.refine_top] for k, v in det.items()}
+    return top, optimize_boxes(_iou_scorer(model, feats, top["labels"]), top["boxes"], s.refine_iterations,
+                               s.refine_step_size, s.refine_early_stop, s.refine_degeneration)
+
+
+def _with_boxes(det: dict[str, Tensor], boxes: Tensor) -> dict[str, Tensor]:
+    return {**det, "boxes": boxes}
+
+
+def _trajectory_record(top: dict[str, Tensor], result, target: dict[str, Tensor], image_id: int,
+                       label_to_cat_id: dict[int, int]) -> dict[str, np.ndarray]:
+    """Per-box arrays of one image for :class:`Trajectories`, with the truth: the ground truth of the
+    same class that overlaps the starting box most, and the IoU with it at every step."""
+    k = len(top["boxes"])
+    steps = result.trajectory.transpose(0, 1)  # (K, T + 1, 4)
+    gt_box = torch.full((k, 4), float("nan"), dtype=torch.float64)
+    true_iou = torch.zeros(steps.shape[:2], dtype=torch.float64)
+    gt, gt_labels = target["boxes"].double(), target["labels"]
+    if k and len(gt):
+        iou0 = pairwise_iou(steps[:, 0].double(), gt)
+        iou0[top["labels"][:, None] != gt_labels[None, :]] = -1
+        best, index = iou0.max(1)
+        has = best > 0
+        gt_box[has] = gt[index[has]]
+        for t in range(steps.shape[1]):
+            true_iou[has, t] = pairwise_iou(steps[has, t].double(), gt_box[has]).diagonal()
+    return {
+        "image_id": np.full(k, image_id, dtype=np.int64),
+        "category_id": np.array([label_to_cat_id[int(label)] for label in top["labels"]], dtype=np.int64),
+        "score": top["scores"].double().numpy(),
+        "gt_box": gt_box.numpy(),
+        "boxes": steps.double().numpy(),
+        "predicted_iou": result.predicted.transpose(0, 1).double().numpy(),
+        "true_iou": true_iou.numpy(),
+        "gradient": result.gradients.transpose(0, 1).double().numpy(),
+        "stop_step": result.stop_step.numpy(),
+        "stop_reason": result.stop_reason.numpy(),
+    }
+
+
+def _image_sets(
+    image: Tensor, detector: nn.Module, iou_net: nn.Module, joint: nn.Module | None,
+    s: PipelineSettings, clock: _Clock, nms_kwargs: dict, external: dict[str, Tensor] | None,
+) -> tuple[dict[str, dict[str, Tensor]], tuple]:
+    """All detection sets of one image (tensors on the CPU) and the refinement to record."""
+    sets: dict[str, dict[str, Tensor]] = {}
+    with torch.no_grad():
+        if external is None:
+            with clock.stage("detector (backbone + heads)"):
+                feats = extract_features(detector, [image])
+                raw = raw_detections(detector, feats, s.score_thresh)[0]
+        else:
+            feats, raw = None, {k: v.to(image.device) for k, v in external.items()}
+        raw = {k: v[: s.raw_max_detections] for k, v in raw.items()}
+        with clock.stage("IoU-Net (predict IoU)"):
+            iou_feats = iou_net.extract_features([image])
+            raw["ious"] = iou_net.predict_iou(iou_feats, [raw["boxes"]], [raw["labels"]])[0]
+    sets["raw"] = raw
+    for method in METHODS[1:]:
+        with clock.stage(method):
+            sets[method] = suppress(raw, method, max_detections=s.max_detections, **nms_kwargs)
+
+    refined = {}
+    for start in ("nms", "iou-nms"):
+        with clock.stage(f"refinement ({start})"):
+            top, result = _refine_steps(iou_net, iou_feats, sets[start], s)
+        for t in range(result.trajectory.shape[0]):
+            sets[f"{start}+refine/{t}"] = _with_boxes(top, result.trajectory[t])
+        refined[start] = (top, result)
+
+    if feats is not None and s.regression_iterations:
+        top = {k: v[: s.refine_top] for k, v in sets["nms"].items()}
+        labels = top["labels"]
+        with clock.stage("iterative regression"):
+            steps = iterative_regression(lambda b: regress_boxes(detector, feats, [b], [labels])[0], top["boxes"],
+                                         s.regression_iterations)
+        for t, boxes in enumerate(steps):
+            sets[f"nms+regress/{t}"] = _with_boxes(top, boxes)
+
+    if joint is not None:
+        with torch.no_grad(), clock.stage("joint IoU-Net (backbone + heads + IoU)"):
+            jfeats = extract_features(joint.detector, [image])
+            jraw = raw_detections(joint.detector, jfeats, s.score_thresh)[0]
+            jraw = {k: v[: s.raw_max_detections] for k, v in jraw.items()}
+            jraw["ious"] = joint.predict_iou(jfeats, [jraw["boxes"]], [jraw["labels"]])[0]
+        sets["joint/nms"] = suppress(jraw, "nms", max_detections=s.max_detections, **nms_kwargs)
+        sets["joint/iou-nms"] = suppress(jraw, "iou-nms", max_detections=s.max_detections, **nms_kwargs)
+        top, result = _refine_steps(joint, jfeats, sets["joint/iou-nms"], s)
+        sets["joint/iou-nms+refine"] = _with_boxes(top, result.boxes)
+    cpu = {name: {k: v.detach().cpu() for k, v in det.items()} for name, det in sets.items()}
+    top, result = refined["iou-nms"]
+    top = {k: v.detach().cpu() for k, v in top.items()}
+    return cpu, (top, dataclasses.replace(result, **{f.name: getattr(result, f.name).cpu()
+                                                     for f in dataclasses.fields(result)}))
+
+
+def run_pipeline(
+    dataset,
+    detector: nn.Module | None,
+    iou_net: nn.Module,
+    settings: PipelineSettings | None = None,
+    joint: nn.Module | None = None,
+    external_detections: Sequence[dict] | None = None,
+    device: torch.device | str = "cpu",
+) -> PipelineOutput | None:
+    """Run the whole post-detection pipeline over ``dataset``.
+
+    Args:
+        dataset: a :class:`~workbench.data.CocoDetection` (``image_ids``, ``label_to_cat_id``).
+        detector: the baseline Faster R-CNN (eval mode), or ``None`` with ``external_detections``.
+        iou_net: a :class:`~workbench.models.StandaloneIoUNet` (eval mode).
+        settings: the hyper-parameters (defaults: the paper's).
+        joint: an optional :class:`~workbench.models.JointIoUNet` for Table 3.
+        external_detections: another detector's raw detections in COCO results format (``bbox``,
+            ``score``, ``category_id``, ``image_id``) used instead of ``detector``; iterative
+            regression is then skipped (it needs the detector's regressor).
+        device: where the models run.
+
+    Returns:
+        PipelineOutput on rank 0, ``None`` on the other ranks.
+    """
+    s = settings or PipelineSettings()
+    ctx = distributed.setup("cpu" if torch.device(device).type == "cpu" else "auto")
+    device = torch.device(device)
+    nms_kwargs = dict(iou_threshold=s.nms_threshold, soft_method=s.soft_nms_method, soft_sigma=s.soft_nms_sigma,
+                      soft_iou_threshold=s.soft_nms_threshold)
+    external = _external_by_image(external_detections, dataset) if external_detections is not None else None
+    if detector is None and external is None:
+        raise ValueError("run_pipeline needs a detector or external_detections")
+
+    indices = list(range(len(dataset)))[: s.max_images or None][ctx.rank:: ctx.world_size]
+    per_set: dict[str, list[dict]] = defaultdict(list)
+    seconds: dict[str, list[float]] = defaultdict(list)
+    records: list[dict[str, np.ndarray]] = []
+    for i in tqdm(indices, desc="pipeline", disable=not ctx.is_main):
+        image, target = dataset[i]
+        image_id = int(target["image_id"])
+        clock = _Clock(device)
+        sets, (top, result) = _image_sets(
+            image.to(device), detector, iou_net, joint, s, clock, nms_kwargs,
+            None if external is None else external.get(image_id, _no_detections()),
+        )
+        for name, det in sets.items():
+            fields = {k: det[k] for k in ("boxes", "scores", "labels")}
+            if name == "raw":
+                fields["iou_pred"] = det["ious"]
+            per_set[name].extend(to_coco_results([fields], [image_id], dataset.label_to_cat_id))
+        for stage, value in clock.seconds.items():
+            seconds[stage].append(value)
+        records.append(_trajectory_record(top, result, target, image_id, dataset.label_to_cat_id))
+
+    gathered = distributed.all_gather_objects(ctx, (dict(per_set), dict(seconds), records))
+    if not ctx.is_main:
+        return None
+    out = PipelineOutput(image_ids=list(dataset.image_ids)[: s.max_images or None])
+    for sets_r, seconds_r, _ in gathered:
+        for name, results in sets_r.items():
+            out.sets.setdefault(name, []).extend(results)
+        for stage, values in seconds_r.items():
+            out.seconds.setdefault(stage, []).extend(values)
+    all_records = [r for _, _, records_r in gathered for r in records_r]
+    if all_records:
+        out.trajectories = Trajectories(
+            **{key: np.concatenate([r[key] for r in all_records]) for key in all_records[0]},
+            meta={"ann_file": str(dataset.ann_file), "img_dir": str(dataset.img_dir), "settings": s.as_dict()},
+        )
+    return out
+
+
+def _no_detections() -> dict[str, Tensor]:
+    return {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
+
+
+def _external_by_image(results: Sequence[dict], dataset) -> dict[int, dict[str, Tensor]]:
+    """Another detector's COCO results grouped per image, as raw detections (highest score first)."""
+    grouped: dict[int, list[dict]] = defaultdict(list)
+    for k, r in enumerate(results):
+        missing = {"image_id", "category_id", "bbox", "score"} - set(r)
+        if missing:
+            raise ValueError(f"external_detections[{k}] lacks {sorted(missing)} (COCO results format)")
+        if r["category_id"] not in dataset.cat_id_to_label:
+            raise ValueError(f"external_detections[{k}]: category_id {r['category_id']} is not a category of the dataset")
+        grouped[int(r["image_id"])].append(r)
+    out = {}
+    for image_id, rows in grouped.items():
+        xywh = torch.tensor([r["bbox"] for r in rows], dtype=torch.float32)
+        scores = torch.tensor([r["score"] for r in rows], dtype=torch.float32)
+        order = scores.argsort(descending=True, stable=True)
+        out[image_id] = {
+            "boxes": torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)[order],
+            "scores": scores[order],
+            "labels": torch.tensor([dataset.cat_id_to_label[r["category_id"]] for r in rows])[order],
+        }
+    return out
