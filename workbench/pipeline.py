@@ -14,10 +14,11 @@ gathers the results.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -81,21 +82,17 @@ class _Clock:
         self.device = device
         self.seconds: dict[str, float] = defaultdict(float)
 
-    def stage(self, name: str):
-        clock = self
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
-        class _Stage:
-            def __enter__(self):
-                if clock.device.type == "cuda":
-                    torch.cuda.synchronize(clock.device)
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc):
-                if clock.device.type == "cuda":
-                    torch.cuda.synchronize(clock.device)
-                clock.seconds[name] += time.perf_counter() - self.start
-
-        return _Stage()
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        self._sync()
+        start = time.perf_counter()
+        yield
+        self._sync()
+        self.seconds[name] += time.perf_counter() - start
 
 
 def _iou_scorer(model: nn.Module, feats, labels: Tensor) -> Callable[[Tensor], Tensor]:
