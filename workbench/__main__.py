@@ -1,0 +1,108 @@
+"""Command line: ``python -m workbench <command> ...``; one ``add_<command>`` + ``run_<command>`` pair each.
+
+    python -m workbench train --config neon-trees --model detector
+    python -m workbench train --config neon-trees --model iou --set optim.lr=0.005 --out runs/try
+    python -m workbench train --config shapes --model detector --dry-run     # print config + fingerprint
+    torchrun --standalone --nproc_per_node=8 -m workbench train --config coco --model detector
+
+To add a command, write ``add_<name>(subparsers)`` that registers its parser with
+``set_defaults(run=run_<name>)``, and list it in :data:`COMMANDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+
+def add_train(sub: argparse._SubParsersAction) -> None:
+    from .config import MODEL_KINDS, PRESETS
+
+    p = sub.add_parser("train", help="train a detector, a standalone IoU-Net or the joint model",
+                       description="Train one model. Under torchrun, --batch-size is per process: the global "
+                                   "batch is batch_size x WORLD_SIZE.")
+    p.add_argument("--config", required=True, help=f"preset ({', '.join(PRESETS)}) or a run's config.json")
+    p.add_argument("--model", default="detector", help=f"model kind: {', '.join(MODEL_KINDS)} (default detector)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt (same schedule, same final iteration)")
+    p.add_argument("--out", help="output folder (config key out_dir)")
+    p.add_argument("--iterations", type=int, help="total iterations; warm-up and lr steps keep their fractions of the run")
+    p.add_argument("--batch-size", type=int, help="images per process per iteration (config key batch_size)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="config key device")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set optim.lr=0.02 --set data.options.num_train=200 (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and its fingerprint, train nothing")
+    p.set_defaults(run=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .config import get_config
+    from .train import TrainingStopped, train
+
+    flags = {"out_dir": args.out, "batch_size": args.batch_size, "device": args.device}
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + args.overrides
+    config = get_config(args.config, args.model, overrides, iterations=args.iterations)
+    if args.dry_run:
+        print(json.dumps({"fingerprint": config.fingerprint(), "config": config.to_dict()}, indent=2))
+        return 0
+    try:
+        path = train(config, resume=args.resume)
+    except TrainingStopped as e:
+        print(f"\n{e}", file=sys.stderr)
+        return 128 + int(e.signum)
+    print(path)
+    return 0
+
+
+def add_reproduce(sub: argparse._SubParsersAction) -> None:
+    from .config import PRESETS
+
+    p = sub.add_parser("reproduce", help="train (or reuse), run the paper's pipeline, write reports/<dataset>/",
+                       description="The paper's experiments end to end; every stage is cached, so a second run "
+                                   "only rewrites the report.")
+    p.add_argument("--config", default="neon-trees", help=f"preset ({', '.join(PRESETS)}); default neon-trees")
+    p.add_argument("--out", default="", help="report folder (default reports/<config>)")
+    p.add_argument("--iterations", type=int, help="training length of every model (schedules rescaled)")
+    p.add_argument("--max-images", type=int, default=0, help="evaluate the first N validation images (default all)")
+    p.add_argument("--no-joint", action="store_true", help="skip the jointly trained model (Table 3)")
+    p.add_argument("--detections", default="", metavar="RESULTS.json",
+                   help="another detector's raw detections (COCO results format) to post-process and refine")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a training config field for every model (repeatable)")
+    p.set_defaults(run=run_reproduce)
+
+
+def run_reproduce(args: argparse.Namespace) -> int:
+    from .pipeline import PipelineSettings
+    from .reproduce import ReproduceOptions, reproduce
+
+    kinds = ("detector", "iou", "joint")
+    opts = ReproduceOptions(
+        preset=args.config, overrides=args.overrides, out_dir=args.out, joint=not args.no_joint,
+        iterations={k: args.iterations for k in kinds} if args.iterations else {},
+        settings=PipelineSettings(max_images=args.max_images), external_detections=args.detections,
+    )
+    reproduce(opts)
+    return 0
+
+
+COMMANDS = (add_train, add_reproduce)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m workbench", description="IoU-Net Workbench")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for add in COMMANDS:
+        add(sub)
+    args = parser.parse_args(argv)
+    from .config import ConfigError
+
+    try:
+        return args.run(args)
+    except ConfigError as e:  # a bad key or value: one line naming it, no traceback
+        parser.exit(2, f"error: {e}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
