@@ -70,6 +70,9 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
                    help="another detector's raw detections (COCO results format) to post-process and refine")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training config field for every model (repeatable)")
+    p.add_argument("--val-set", dest="val_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a data field of the evaluated split only, e.g. --val-set "
+                        "data.options.ann_file=.../instances_val2017.json (repeatable)")
     p.set_defaults(run=run_reproduce)
 
 
@@ -79,7 +82,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
 
     kinds = ("detector", "iou", "joint")
     opts = ReproduceOptions(
-        preset=args.config, overrides=args.overrides, out_dir=args.out, joint=not args.no_joint,
+        preset=args.config, overrides=args.overrides, val_overrides=args.val_overrides, out_dir=args.out, joint=not args.no_joint,
         iterations={k: args.iterations for k in kinds} if args.iterations else {},
         settings=PipelineSettings(max_images=args.max_images), external_detections=args.detections,
     )

@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 
 from . import analysis, distributed
 from .analysis import paper_numbers as paper
-from .config import TrainConfig, get_config
+from .config import TrainConfig, apply_overrides, get_config
 from .pipeline import PipelineOutput, PipelineSettings, run_pipeline
 from .train import build_dataset, build_model, load_checkpoint, train
 
@@ -36,6 +36,7 @@ from .train import build_dataset, build_model, load_checkpoint, train
 class ReproduceOptions:
     preset: str = "neon-trees"  # dataset preset of workbench.config (neon-trees | shapes | coco)
     overrides: list[str] = field(default_factory=list)  # "--set key=value" for every training run
+    val_overrides: list[str] = field(default_factory=list)  # "key=value" for the evaluated split only (coco: its ann_file, img_dir)
     iterations: dict[str, int] = field(default_factory=dict)  # kind -> run length (schedule rescaled); default the preset's
     settings: PipelineSettings = field(default_factory=PipelineSettings)  # inference hyper-parameters
     out_dir: str = ""  # reports folder; default reports/<preset>
@@ -251,7 +252,7 @@ def reproduce(opts: ReproduceOptions) -> Path | None:
     joint_ckpt = trained(_config(opts, "joint")) if opts.joint else None
 
     device = ctx.device
-    val_cfg = TrainConfig.from_dict({**det_cfg.to_dict(), "data": {**det_cfg.to_dict()["data"], "split": "val"}})
+    val_cfg = apply_overrides(det_cfg, ["data.split=val", *opts.val_overrides])
     with distributed.main_first(ctx):
         val = build_dataset(val_cfg)
     checkpoints = [c for c in (det_ckpt, iou_ckpt, joint_ckpt) if c is not None]
