@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .models import extract_features, raw_detections, regress_boxes, to_coco_results
-from .ops.boxes import pairwise_iou
+from .ops.boxes import matched_iou, pairwise_iou
 from .postprocess import METHODS, suppress
 from .refine import iterative_regression, optimize_boxes
 from .trajectories import Trajectories
@@ -126,8 +126,7 @@ def _trajectory_record(top: dict[str, Tensor], result, target: dict[str, Tensor]
         best, index = iou0.max(1)
         has = best > 0
         gt_box[has] = gt[index[has]]
-        for t in range(steps.shape[1]):
-            true_iou[has, t] = pairwise_iou(steps[has, t].double(), gt_box[has]).diagonal()
+        true_iou[has] = matched_iou(steps[has].double(), gt_box[has][:, None, :])
     return {
         "image_id": np.full(k, image_id, dtype=np.int64),
         "category_id": np.array([label_to_cat_id[int(label)] for label in top["labels"]], dtype=np.int64),

@@ -32,24 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..ops.boxes import matched_iou
+
 from workbench.ops._checks import check_boxes
-
-
-def matched_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """IoU of each box with the box at the same index (the diagonal of the pairwise IoU).
-
-    Args:
-        boxes1 (Tensor[..., 4]): ``(x0, y0, x1, y1)``.
-        boxes2 (Tensor[..., 4]): ``(x0, y0, x1, y1)``, broadcastable with ``boxes1``.
-
-    Returns:
-        Tensor[...]: IoU, same formula as ``torchvision.ops.box_iou``.
-    """
-    area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
-    area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])
-    wh = (torch.min(boxes1[..., 2:], boxes2[..., 2:]) - torch.max(boxes1[..., :2], boxes2[..., :2])).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    return inter / (area1 + area2 - inter)
 
 
 def _candidates(gt: Tensor, count: int, max_sigma: float, generator: torch.Generator | None) -> Tensor:

@@ -35,6 +35,23 @@ def pairwise_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     return inter / (area1[:, None] + area2[None, :] - inter)
 
 
+def matched_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """IoU of each box with the box at the same index (the diagonal of :func:`box_iou`).
+
+    Args:
+        boxes1 (Tensor[..., 4]): ``(x0, y0, x1, y1)``.
+        boxes2 (Tensor[..., 4]): ``(x0, y0, x1, y1)``, broadcastable with ``boxes1``.
+
+    Returns:
+        Tensor[...]: IoU, by the same formula as :func:`box_iou`. No input checks: an internal helper.
+    """
+    area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
+    area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])
+    wh = (torch.min(boxes1[..., 2:], boxes2[..., 2:]) - torch.max(boxes1[..., :2], boxes2[..., :2])).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    return inter / (area1 + area2 - inter)
+
+
 def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """Intersection over union of every pair of boxes.
 
