@@ -61,22 +61,34 @@ __device__ __forceinline__ Bin<T> make_bin(const T* roi, T scale, int ph, int pw
     return b;
 }
 
+// Output element idx of a (K, C, PH, PW) tensor -> its RoI k, channel c and bin (ph, pw).
+struct OutputIndex {
+    long long k;
+    int c, ph, pw;
+};
+
+__device__ __forceinline__ OutputIndex unravel(long long idx, int C, int PH, int PW) {
+    OutputIndex o;
+    o.pw = idx % PW;
+    o.ph = (idx / PW) % PH;
+    o.c = (idx / ((long long)PW * PH)) % C;
+    o.k = idx / ((long long)PW * PH * C);
+    return o;
+}
+
 template <typename T>
 __device__ void prroi_forward(const T* __restrict__ features, const T* __restrict__ rois, T* __restrict__ out,
                               int C, int H, int W, int PH, int PW, T scale, long long total) {
     for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
          idx += (long long)blockDim.x * gridDim.x) {
-        const int pw = idx % PW;
-        const int ph = (idx / PW) % PH;
-        const int c = (idx / ((long long)PW * PH)) % C;
-        const long long k = idx / ((long long)PW * PH * C);
-        const Bin<T> b = make_bin(rois + 5 * k, scale, ph, pw, PH, PW, H, W);
+        const OutputIndex o = unravel(idx, C, PH, PW);
+        const Bin<T> b = make_bin(rois + 5 * o.k, scale, o.ph, o.pw, PH, PW, H, W);
         const T area = b.bw * b.bh;
         if (area <= T(0)) {
             out[idx] = T(0);
             continue;
         }
-        const T* map = features + ((long long)b.batch * C + c) * H * W;
+        const T* map = features + ((long long)b.batch * C + o.c) * H * W;
         T acc = T(0);
         for (int i = b.i0; i <= b.i1; ++i) {
             const T wy = interval_weight(b.ys, b.ye, i);
@@ -95,15 +107,12 @@ __device__ void prroi_backward_features(const T* __restrict__ grad_out, const T*
                                         long long total) {
     for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
          idx += (long long)blockDim.x * gridDim.x) {
-        const int pw = idx % PW;
-        const int ph = (idx / PW) % PH;
-        const int c = (idx / ((long long)PW * PH)) % C;
-        const long long k = idx / ((long long)PW * PH * C);
-        const Bin<T> b = make_bin(rois + 5 * k, scale, ph, pw, PH, PW, H, W);
+        const OutputIndex o = unravel(idx, C, PH, PW);
+        const Bin<T> b = make_bin(rois + 5 * o.k, scale, o.ph, o.pw, PH, PW, H, W);
         const T area = b.bw * b.bh;
         if (area <= T(0) || grad_out[idx] == T(0)) continue;
         const T g = grad_out[idx] / area;
-        T* map = grad_features + ((long long)b.batch * C + c) * H * W;
+        T* map = grad_features + ((long long)b.batch * C + o.c) * H * W;
         for (int i = b.i0; i <= b.i1; ++i) {
             const T gy = g * interval_weight(b.ys, b.ye, i);
             if (gy == T(0)) continue;

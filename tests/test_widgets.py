@@ -1,23 +1,28 @@
 """The notebook widgets driven in-process, as the browser would drive them: set a control, read the figure.
 
 The refinement stepper is checked against a refinement record (the demo record, and a hand-built one
-whose orders are known by construction); the pooling explorer against ``prroi_pool`` called directly.
+whose orders are known by construction); the pooling explorer against ``prroi_pool`` called directly; the
+NMS explorer against ``suppress`` called directly and its reasons against a slow greedy NMS written here.
+Also here: the helpers notebooks 02-06 call (``workbench.notebook_utils``) that need no trained model.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import json
 import re
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
 
 from workbench.analysis import example_feature_map
 from workbench.notebook_utils import demo_trajectories
-from workbench.ops import prroi_pool
+from workbench.ops import box_iou, prroi_pool
 from workbench.trajectories import Trajectories
 from workbench.widgets import CocoImages, PoolingExplorer, RefinementStepper
 
@@ -272,3 +277,229 @@ def test_explorer_set_box_and_empty_bin():
     assert readout_number(explorer.readout.value, "PrPool =") == pytest.approx(pooled(d, explorer.box)[0], abs=5e-5)
     explorer.set_box((3.0, 1.0, 2.0, 3.0))
     assert "empty bin" in explorer.readout.value
+
+
+# --- the NMS explorer and the suppression it explains ----------------------------------------------------
+
+
+def cluster_results(seed: int = 0, images: int = 2, objects: int = 3, per_object: int = 6) -> tuple[list[dict], object]:
+    """Random duplicates around a few objects per image, two categories, with ``iou_pred``; and their ground truth."""
+    from workbench.data.coco import coco_from_dict
+
+    rng = np.random.default_rng(seed)
+    results, anns, image_list = [], [], []
+    for image_id in range(1, images + 1):
+        image_list.append({"id": image_id, "width": 200, "height": 200, "file_name": f"{image_id}.png"})
+        for k in range(objects):
+            x, y, w, h = rng.uniform(10, 100), rng.uniform(10, 100), rng.uniform(20, 60), rng.uniform(20, 60)
+            category = int(rng.integers(1, 3))
+            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": category, "bbox": [x, y, w, h],
+                         "area": w * h, "iscrowd": 0})
+            for _ in range(per_object):
+                jitter = rng.normal(0, 0.12, 4) * [w, h, w, h]
+                results.append({"image_id": image_id, "category_id": category,
+                                "bbox": [x + jitter[0], y + jitter[1], w + jitter[2], h + jitter[3]],
+                                "score": float(rng.uniform(0.05, 1)), "iou_pred": float(rng.uniform(0.3, 1))})
+    gt = coco_from_dict({"images": image_list, "annotations": anns,
+                         "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]})
+    return results, gt
+
+
+def image_tensors(results: list[dict], image_id: int) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
+    """One image's detections as ``suppress`` takes them, built here (not by the library), with their positions."""
+    positions = np.array([i for i, r in enumerate(results) if r["image_id"] == image_id])
+    xywh = torch.tensor([results[i]["bbox"] for i in positions], dtype=torch.float64)
+    return positions, {
+        "boxes": torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1),
+        "scores": torch.tensor([results[i]["score"] for i in positions], dtype=torch.float64),
+        "labels": torch.tensor([results[i]["category_id"] for i in positions]),
+        "ious": torch.tensor([results[i]["iou_pred"] for i in positions], dtype=torch.float64),
+    }
+
+
+def greedy_reference(boxes: torch.Tensor, key: np.ndarray, labels: np.ndarray, threshold: float):
+    """A slow greedy NMS that records who removed whom: (kept in selection order, {removed: (by, IoU)})."""
+    alive, kept, removed = list(range(len(boxes))), [], {}
+    while alive:
+        top = max(alive, key=lambda i: (key[i], -i))  # highest key, ties to the lower index
+        alive.remove(top)
+        kept.append(top)
+        for j in list(alive):
+            iou = float(box_iou(boxes[top : top + 1], boxes[j : j + 1])[0, 0])
+            if labels[j] == labels[top] and iou > threshold:
+                alive.remove(j)
+                removed[j] = (top, iou)
+    return kept, removed
+
+
+@pytest.mark.parametrize("method", ["none", "nms", "soft-nms", "iou-nms"])
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.7])
+def test_nms_explorer_survivors_are_suppress_output(method, threshold):
+    from workbench.postprocess import suppress
+    from workbench.widgets import NMSExplorer
+
+    results, gt = cluster_results()
+    explorer = NMSExplorer(results, gt, max_detections=7)
+    explorer.method_menu.value = method  # what the controls do in the browser
+    explorer.threshold_slider.value = threshold
+    for image_id in (1, 2):
+        explorer.image_menu.value = image_id
+        positions, det = image_tensors(results, image_id)
+        expected = suppress({**det, "position": torch.from_numpy(positions)}, method, iou_threshold=threshold,
+                            soft_iou_threshold=threshold, max_detections=7)
+        np.testing.assert_array_equal(explorer.survivors, expected["position"].numpy())
+        # The orange outlines are the survivors' boxes, in that order.
+        kept = trace(explorer.figure, "survives")
+        xs = [v for v in kept.x if v is not None]
+        assert len(xs) == 5 * len(expected["boxes"])
+        np.testing.assert_allclose(xs[::5], expected["boxes"][:, 0].numpy())
+        assert f"<b>{len(expected['boxes'])}</b> of {len(positions)} boxes survive" in explorer.readout.value
+
+
+@pytest.mark.parametrize("method", ["nms", "iou-nms"])
+@pytest.mark.parametrize("seed", range(3))
+def test_suppression_reasons_match_a_slow_greedy_reference(method, seed):
+    from workbench.notebook_utils import explain_suppression
+
+    results, _ = cluster_results(seed, images=1, objects=4, per_object=8)
+    _, det = image_tensors(results, 1)
+    key = (det["ious"] if method == "iou-nms" else det["scores"]).numpy()
+    kept, removed = greedy_reference(det["boxes"], key, det["labels"].numpy(), 0.5)
+    why = explain_suppression(det, method, iou_threshold=0.5, max_detections=None)
+    assert set(np.flatnonzero(why["kept"])) == set(kept)
+    for j, (by, iou) in removed.items():
+        assert why.loc[j, "by"] == by and why.loc[j, "overlap"] == pytest.approx(iou)
+        assert why.loc[j, "why"].startswith(f"suppressed by #{by}: IoU {iou:.2f} > 0.5")
+    assert (why.loc[why["kept"], "by"] == -1).all()
+    if method == "iou-nms":  # each kept box takes the best score of the boxes it removed (Algorithm 1)
+        for k in kept:
+            cluster = [j for j, (by, _) in removed.items() if by == k]
+            best = max([det["scores"][k].item(), *(det["scores"][j].item() for j in cluster)])
+            assert why.loc[k, "new_score"] == pytest.approx(best)
+            if best > det["scores"][k].item():
+                assert f"takes score {best:.3f} from #{why.loc[k, 'score_from']}" in why.loc[k, "why"]
+
+
+def test_cap_and_soft_nms_reasons():
+    from workbench.notebook_utils import explain_suppression
+
+    results, _ = cluster_results(1, images=1)
+    _, det = image_tensors(results, 1)
+    why = explain_suppression(det, "nms", max_detections=2)
+    assert why["kept"].sum() == 2 and why.loc[why["kept"], "rank"].tolist() == [0, 1]
+    cut = why[why["why"].str.startswith("cut:")]
+    assert len(cut) == len(explain_suppression(det, "nms", max_detections=None).query("kept")) - 2
+    soft = explain_suppression(det, "soft-nms", max_detections=None, soft_iou_threshold=0.3)
+    decayed = soft[soft["kept"] & (soft["new_score"] < soft["score"] - 1e-12)]
+    assert len(decayed) and all(w.startswith("kept: score") and "largest overlap" in w for w in decayed["why"])
+
+
+def test_explorer_table_hover_and_image_switch():
+    from workbench.widgets import NMSExplorer
+
+    results, gt = cluster_results()
+    explorer = NMSExplorer(results, gt, method="iou-nms", table_rows=5)
+    explorer.set_image(2)
+    assert explorer.image_id == 2 and "image 2" in explorer.table.value
+    assert explorer.table.value.count("<tr") == 1 + 5  # header + rows
+    assert "suppressed by #" in explorer.table.value and "true IoU" in explorer.table.value
+    # Ground truth drawn: three objects per image.
+    assert sum(v is None for v in trace(explorer.figure, "ground truth").x) == 3
+    hover = trace(explorer.figure, "hover · survives").text
+    assert len(hover) == len(explorer.survivors) and all("predicted IoU" in h and "kept:" in h for h in hover)
+    explorer.set_method("none")
+    assert len(explorer.survivors) == len(image_tensors(results, 2)[0])
+    with pytest.raises(ValueError, match="no detections"):
+        explorer.set_image(99)
+    with pytest.raises(ValueError, match="method must be one of"):
+        NMSExplorer([{k: v for k, v in r.items() if k != "iou_pred"} for r in results], method="iou-nms")
+
+
+def test_suppressed_better_boxes_finds_the_hand_built_case():
+    from workbench.data.coco import coco_from_dict
+    from workbench.notebook_utils import suppressed_better_boxes
+
+    gt = coco_from_dict({"images": [{"id": 1, "width": 100, "height": 100, "file_name": "1.png"}],
+                         "annotations": [{"id": 7, "image_id": 1, "category_id": 1, "bbox": [10, 10, 40, 40], "area": 1600, "iscrowd": 0}],
+                         "categories": [{"id": 1, "name": "a"}]})
+    # A: confident, shifted by 8 px (IoU 0.667 with the object); B: less confident, 2 px off (IoU 0.905);
+    # IoU(A, B) = 0.739 > 0.5, so NMS keeps A and suppresses B. C: elsewhere, no duplicate.
+    results = [
+        {"image_id": 1, "category_id": 1, "bbox": [18, 10, 40, 40], "score": 0.9, "iou_pred": 0.6},
+        {"image_id": 1, "category_id": 1, "bbox": [12, 10, 40, 40], "score": 0.7, "iou_pred": 0.9},
+        {"image_id": 1, "category_id": 1, "bbox": [60, 60, 30, 30], "score": 0.8, "iou_pred": 0.5},
+    ]
+    pairs = suppressed_better_boxes(results, gt)
+    assert len(pairs) == 1
+    p = pairs.iloc[0]
+    assert (p["kept"], p["better"], p["gt_id"]) == (0, 1, 7)
+    assert p["kept_iou"] == pytest.approx(32 * 40 / (2 * 1600 - 32 * 40))
+    assert p["better_iou"] == pytest.approx(38 * 40 / (2 * 1600 - 38 * 40))
+    assert p["overlap"] == pytest.approx(34 * 40 / (2 * 1600 - 34 * 40))
+    assert p["iou_gap"] == pytest.approx(p["better_iou"] - p["kept_iou"])
+    np.testing.assert_allclose(p["kept_box"], [18, 10, 58, 50])
+    # With the better box scored higher, NMS keeps it: nothing to show.
+    results[1]["score"] = 0.95
+    assert suppressed_better_boxes(results, gt).empty
+
+
+# --- the other helpers of notebooks 02-06 ----------------------------------------------------------------
+
+
+def test_jittered_training_boxes_are_the_iou_they_claim():
+    from workbench.notebook_utils import jittered_training_boxes
+
+    _, gt = cluster_results(images=2, objects=3)
+    boxes = jittered_training_boxes(gt, [1, 2])
+    assert len(boxes) == 6 * 16 and (boxes["iou"] >= 0.5).all()
+    iou = box_iou(torch.tensor(boxes[["x0", "y0", "x1", "y1"]].to_numpy()),
+                  torch.tensor(boxes[["gt_x0", "gt_y0", "gt_x1", "gt_y1"]].to_numpy())).diagonal().numpy()
+    np.testing.assert_allclose(boxes["iou"], iou, atol=1e-12)
+    # 16 slots per object dealt round-robin over 10 IoU bins: each bin gets 1 or 2 of each object's boxes.
+    counts = np.histogram(boxes["iou"], bins=np.linspace(0.5, 1, 11))[0]
+    assert counts.min() >= 6 and counts.max() <= 12
+
+
+def test_training_log_and_prediction_error(tmp_path):
+    from workbench.notebook_utils import iou_prediction_error, training_log
+
+    lines = [{"iteration": 10, "lr": 0.004, "loss": 0.5, "loss_iou": 0.5}, {"iteration": 20, "lr": 0.01, "loss": 0.3, "loss_iou": 0.3}]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    log = training_log(tmp_path)
+    assert list(log.index) == [10, 20] and log.loc[20, "loss_iou"] == 0.3
+    matched = pd.DataFrame({"iou": [0.2, 0.55, 0.58, 0.95, 1.0], "iou_pred": [0.6, 0.65, 0.5, 0.9, 0.9]})
+    table = iou_prediction_error(matched)
+    assert table.loc["[0, 0.3)", "boxes"] == 1 and table.loc["[0, 0.3)", "bias"] == pytest.approx(0.4)
+    assert table.loc["[0.5, 0.6)", "mean |error|"] == pytest.approx(round((0.1 + 0.08) / 2, 3))
+    assert table.loc["[0.9, 1]", "boxes"] == 2 and table.loc["[0.9, 1]", "bias"] == pytest.approx(-0.075, abs=1e-3)
+    assert table["boxes"].sum() == len(matched)
+
+
+def test_refinement_runs_and_speed_from_a_hand_built_output():
+    from workbench.analysis import paper_numbers as paper
+    from workbench.notebook_utils import refinement_runs, speed_comparison
+    from workbench.pipeline import PipelineOutput
+
+    sets = {f"nms+refine/{t}": [t] for t in range(3)} | {f"nms+regress/{t}": [10 + t] for t in range(2)} | {"nms": [], "raw": []}
+    seconds = {"detector (backbone + heads)": [0.2, 0.4], "IoU-Net (predict IoU)": [0.1, 0.1], "nms": [0.01, 0.03],
+               "iou-nms": [0.02, 0.02], "refinement (iou-nms)": [0.05, 0.05], "joint IoU-Net (backbone + heads + IoU)": [0.3, 0.3]}
+    output = PipelineOutput(sets=sets, seconds=seconds)
+    runs = refinement_runs(output)
+    assert runs == {"optimization (IoU-Net)": [[0], [1], [2]], "iterative regression": [[10], [11]]}
+    speed = speed_comparison(output)
+    assert speed.loc["FPN", "ours (s / image)"] == pytest.approx(0.3 + 0.02)
+    assert speed.loc["IoU-Net", "ours (s / image)"] == pytest.approx(0.3 + 0.02 + 0.05)
+    assert speed.loc["IoU-Net / FPN", "paper (s / image, Titan X)"] == pytest.approx(
+        paper.TABLE4_SECONDS_PER_IMAGE["IoU-Net"] / paper.TABLE4_SECONDS_PER_IMAGE["FPN"])
+
+
+def test_fast_options_live_under_the_root_and_nothing_is_cached_yet(tmp_path):
+    from workbench.notebook_utils import cached_pipeline_path, reproduce_options
+
+    opts = reproduce_options("neon-trees", fast=True, root=tmp_path)
+    assert opts.preset == "shapes"
+    for path in (opts.out_dir, opts.runs_dir, opts.cache_dir):
+        assert Path(path).is_relative_to(tmp_path / "cache" / "notebooks")
+    assert cached_pipeline_path(opts) is None  # nothing trained under tmp_path
+    cli = reproduce_options("neon-trees")  # exactly `python -m workbench reproduce --config neon-trees`
+    assert (cli.preset, cli.out_dir, cli.runs_dir, cli.cache_dir, cli.overrides) == ("neon-trees", "", "runs", "cache/pipeline", [])

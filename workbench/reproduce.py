@@ -117,6 +117,14 @@ def _save_table(df: pd.DataFrame, out: Path, name: str, markdown: str) -> None:
     (out / f"{name}.md").write_text(markdown + "\n")
 
 
+def _ap_table(rows: dict[str, list[dict]], coco_gt, paper_rows: dict, out: Path, name: str) -> tuple[pd.DataFrame, str]:
+    """COCOeval AP table of ``rows`` with the paper's rows beside ours, written as CSV and Markdown."""
+    table = analysis.ap_table(rows, coco_gt)
+    markdown = analysis.markdown_table(table, paper_rows)
+    _save_table(table, out, name, markdown)
+    return table, markdown
+
+
 def _holds(flag: bool) -> str:
     return "**holds here**" if flag else "**does not hold here**"
 
@@ -168,18 +176,16 @@ def write_report(output: PipelineOutput, coco_gt, out: Path, title: str, device:
               f"{_holds(r09['IoU-NMS'] > r09['NMS'])}.", ""]
 
     # Table 1: NMS variants.
-    t1 = analysis.ap_table({"FPN": s["nms"], "FPN + Soft-NMS": s["soft-nms"], "FPN + IoU-NMS": s["iou-nms"]}, coco_gt)
-    md1 = analysis.markdown_table(t1, paper.TABLE1_NMS)
-    _save_table(t1, out, "table1_nms", md1)
+    t1, md1 = _ap_table({"FPN": s["nms"], "FPN + Soft-NMS": s["soft-nms"], "FPN + IoU-NMS": s["iou-nms"]}, coco_gt,
+                        paper.TABLE1_NMS, out, "table1_nms")
     numbers["table1"] = t1.to_dict("index")
     lines += ["## Table 1: NMS, Soft-NMS and IoU-guided NMS", "", md1, "",
               f"IoU-NMS improving AP90 over NMS {_holds(t1.loc['FPN + IoU-NMS', 'AP90'] > t1.loc['FPN', 'AP90'])}; "
               f"improving AP {_holds(t1.loc['FPN + IoU-NMS', 'AP'] > t1.loc['FPN', 'AP'])}.", ""]
 
     # Table 2: refinement.
-    t2 = analysis.ap_table({"FPN": s["nms"], "FPN + Refinement": s[f"nms+refine/{T}"]}, coco_gt)
-    md2 = analysis.markdown_table(t2, paper.TABLE2_REFINEMENT)
-    _save_table(t2, out, "table2_refinement", md2)
+    t2, md2 = _ap_table({"FPN": s["nms"], "FPN + Refinement": s[f"nms+refine/{T}"]}, coco_gt,
+                        paper.TABLE2_REFINEMENT, out, "table2_refinement")
     numbers["table2"] = t2.to_dict("index")
     lines += ["## Table 2: optimization-based refinement", "", md2, "",
               f"Refinement improving AP {_holds(t2.loc['FPN + Refinement', 'AP'] > t2.loc['FPN', 'AP'])}; "
@@ -208,11 +214,10 @@ def write_report(output: PipelineOutput, coco_gt, out: Path, title: str, device:
 
     # Table 3: joint training.
     if "joint/nms" in s:
-        t3 = analysis.ap_table({"ResNet-50 FPN": s["nms"], "ResNet-50 IoU-Net": s["joint/nms"],
-                                "ResNet-50 IoU-Net + IoU-NMS": s["joint/iou-nms"],
-                                "ResNet-50 IoU-Net + IoU-NMS + Refine": s["joint/iou-nms+refine"]}, coco_gt)
-        md3 = analysis.markdown_table(t3, paper.TABLE3_JOINT)
-        _save_table(t3, out, "table3_joint", md3)
+        t3, md3 = _ap_table({"ResNet-50 FPN": s["nms"], "ResNet-50 IoU-Net": s["joint/nms"],
+                             "ResNet-50 IoU-Net + IoU-NMS": s["joint/iou-nms"],
+                             "ResNet-50 IoU-Net + IoU-NMS + Refine": s["joint/iou-nms+refine"]}, coco_gt,
+                            paper.TABLE3_JOINT, out, "table3_joint")
         numbers["table3"] = t3.to_dict("index")
         lines += ["## Table 3: joint training", "",
                   "Row names follow the paper's; here the backbone is the preset's (MobileNetV2-FPN on the "
