@@ -13,8 +13,6 @@
 #     name: python3
 # ---
 
-# %%
-
 # %% [markdown]
 # # 05 · Refinement as optimization (Algorithm 2, Fig. 4, Table 2), one box at a time
 #
@@ -37,7 +35,7 @@
 import os
 
 DATASET = "neon-trees"  # preset of `python -m workbench reproduce --config <DATASET>` (make run: neon-trees)
-FAST = os.environ.get("WORKBENCH_FAST", "0") == "1"  # CI: a tiny shapes run (trained under $WORKBENCH_ROOT) instead
+FAST = os.environ.get("WORKBENCH_FAST", "0") == "1"  # CI: a tiny shapes run (trained under $WORKBENCH_ROOT), the stand-in record
 FIGURES = ""  # a folder to save the figures in (PNG), or "" for none
 
 # %%
@@ -104,12 +102,16 @@ display(Markdown(markdown_table(table2, paper.TABLE2_REFINEMENT)))
 #
 # Every box refined after IoU-guided NMS, step by step: boxes, predicted and true IoU, the applied
 # steps and why each box stopped (`output.trajectories`; `reports/<dataset>/trajectories.npz` on disk).
-# `refinement_record` falls back to a small stand-in record (`demo_trajectories`: its "predicted IoU" is
-# an exact IoU with a misplaced copy of the ground truth, **not an IoU-Net**) only when the run refined
-# no box at all.
+#
+# In fast mode (and if a run refined no box) `refinement_record` shows a small stand-in record instead
+# (`demo_trajectories`): jittered ground truth of a few `shapes` images refined by Algorithm 2 with the
+# paper's settings, but **its "predicted IoU" is not an IoU-Net**: it is the exact IoU with a slightly
+# misplaced copy of the ground truth, confidently wrong by a little as a trained predictor is. The tiny
+# fast-mode IoU-Net, trained for a few iterations, is nearly flat: its line below shows its boxes moving
+# by a fraction of a pixel and stopping after one step.
 
 # %%
-trajectories = refinement_record(results.output)
+trajectories = refinement_record(results.output, stand_in=FAST)
 print(f"{len(trajectories)} boxes, T = {trajectories.boxes.shape[1] - 1} steps, "
       f"predictor: {trajectories.meta.get('predictor', 'IoU-Net')}")
 
@@ -121,12 +123,11 @@ print(f"{len(trajectories)} boxes, T = {trajectories.boxes.shape[1] - 1} steps, 
 # each edge, `λ · scale(∇, b)` in pixels. Right: predicted and true IoU per step; an ✕ marks an early
 # stop. The line above the figure says why the box stopped (Ω1, Ω2 or T) once it has.
 #
-# The stepper opens on the box refinement helped most. **order → largest IoU loss first** puts the
-# boxes that refinement made *worse* one click away: there the predicted IoU climbs while the true IoU
+# **order → largest IoU loss first** puts the boxes that refinement made *worse* one click away: there the predicted IoU climbs while the true IoU
 # falls, i.e. the predictor's optimum is not the object.
 
 # %%
-stepper = RefinementStepper(trajectories, order="gain")
+stepper = RefinementStepper(trajectories)
 stepper
 
 # %% [markdown]

@@ -671,4 +671,4 @@ class NMSExplorer:
         columns["why"] = top["why"]
         frame = pd.DataFrame(columns)
         return (f"<b>the {len(top)} highest-scored boxes of image {self.image_id}</b>"
-                + frame.to_html(index=False, border=0, classes="nms-table"))
+                + frame.to_html(index=False, border=0, col_space=70, classes="nms-table"))

@@ -1,0 +1,129 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 02 · Training IoU-Net: jittered boxes, the loss, and how well it predicts
+#
+# **What the paper claims** (Sec. 3.1, 3.4, Fig. 2b).
+#
+# * The IoU predictor is *not* trained on the detector's proposals. Every ground-truth box is jittered
+#   by random transforms; candidates with IoU below `Ω_train = 0.5` are dropped, and the training boxes
+#   are sampled **uniformly in IoU** from what is left. The paper says this "empirically brings better
+#   performance and robustness": the predictor sees every level of localization quality equally often,
+#   whatever detector later feeds it.
+# * Each box is pooled from the FPN features with PrRoI Pooling (notebook 01) and a two-layer head
+#   predicts its IoU per class; the target is the IoU mapped onto `[-1, 1]`, the loss smooth-L1.
+# * Because training is independent of the detector, the predicted IoU should transfer to *held-out*
+#   detections: it should track their true IoU (Fig. 2b: Pearson r = 0.617 on COCO).
+#
+# Here: the jittered boxes and their IoU histogram, the IoU run's training curve, and predicted vs
+# true IoU on the raw detections of the validation images, all from what
+# `python -m workbench reproduce --config <DATASET>` trained and ran (`make run` for neon-trees).
+
+# %% tags=["parameters"]
+import os
+
+DATASET = "neon-trees"  # preset of `python -m workbench reproduce --config <DATASET>` (make run: neon-trees)
+FAST = os.environ.get("WORKBENCH_FAST", "0") == "1"  # CI: a tiny shapes run (trained under $WORKBENCH_ROOT) instead
+FIGURES = ""  # a folder to save the figures in (PNG), or "" for none
+
+# %%
+# %matplotlib inline
+from IPython.display import Markdown, display
+
+from workbench.models import JitterConfig
+from workbench.notebook_utils import (
+    coco_images,
+    describe_iou_training,
+    figure_saver,
+    iou_prediction_error,
+    jittered_training_boxes,
+    pipeline_results,
+    plot_jittered_boxes,
+    plot_predicted_vs_true,
+    plot_training_log,
+    predicted_vs_true_iou,
+    training_log,
+)
+
+# %% [markdown]
+# ## The pipeline's results
+#
+# `pipeline_results` loads what `reproduce` cached (the same options, run folders and cache as the
+# command line); only what is missing is trained or run. In fast mode it is a tiny `shapes` run: its
+# numbers show that everything runs, not what the paper claims.
+
+# %%
+results = pipeline_results(DATASET, fast=FAST)
+save = figure_saver(FIGURES)
+images = coco_images(results)
+print(f"{len(results.output.image_ids)} validation images; IoU run: {results.run_dirs['iou']}")
+
+# %% [markdown]
+# ## Training boxes: jittered ground truth, uniform in IoU (Sec. 3.1)
+#
+# `jittered_training_boxes` calls `workbench.models.jitter_boxes` with the models' own settings
+# (`JitterConfig`: 16 boxes per object, IoU >= 0.5, ten equal-count bins) on the ground truth of a few
+# validation images: the same draw the training loop makes on each training batch. Left: the boxes of a
+# few objects, coloured by their IoU with the object (green). Right: the IoU histogram is flat, by
+# construction.
+
+# %%
+config = JitterConfig()
+jittered = jittered_training_boxes(results.coco_gt, results.output.image_ids[:4], config=config)
+first = int(jittered["image_id"].iloc[0])
+save(plot_jittered_boxes(jittered, images(first), image_id=first, num_bins=config.num_bins), "02_jittered_boxes")
+
+# %% [markdown]
+# ## The training curve
+#
+# The IoU run's `log.jsonl`: the smooth-L1 loss of the IoU head (`loss_iou`), averaged over each logging
+# window, and the learning rate (the paper's schedule squeezed into the run: warm-up over the first
+# 1/16, ×0.1 at 3/4). The backbone is the detector's, frozen.
+
+# %%
+log = training_log(results.run_dirs["iou"])
+save(plot_training_log(log, title="standalone IoU-Net (frozen detector backbone)"), "02_training_curve")
+
+# %% [markdown]
+# ## Predicted vs true IoU on held-out boxes
+#
+# The raw detections of the validation images (before NMS) carry the IoU-Net's prediction `iou_pred`;
+# `match_to_ground_truth` gives each its true IoU with the best same-class object. Left: prediction
+# against truth, with the mean per tenth of true IoU; a perfect predictor lies on the dashed line.
+# Below 0.5 (shaded) the IoU-Net saw no training box. Right: the true IoUs the detector's boxes have,
+# next to the flat distribution it was trained on.
+
+# %%
+matched = predicted_vs_true_iou(results.output.sets["raw"], results.coco_gt)
+save(plot_predicted_vs_true(matched, jittered["iou"].to_numpy(), min_iou=config.min_iou), "02_predicted_vs_true")
+
+# %% [markdown]
+# Error per range of true IoU: `bias` is the mean of predicted − true (positive: over-confident).
+
+# %%
+iou_prediction_error(matched)
+
+# %% [markdown]
+# ## What the data here shows
+
+# %%
+display(Markdown(describe_iou_training(jittered, log, matched, min_iou=config.min_iou)))
+
+# %% [markdown]
+# Read the error table with the histogram: the predictor is only asked to be right where it was
+# trained (IoU >= 0.5); for the detections below that (counted above) its prediction is an
+# extrapolation, yet IoU-guided NMS ranks those boxes by it too. Notebook 03 asks whether, among the
+# well-localized boxes, it ranks them better than the classification score does.
