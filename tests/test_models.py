@@ -429,7 +429,7 @@ def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def shapes_data(tmp_path_factory):
-    data = pytest.importorskip("workbench.data")
+    import workbench.data as data
     root = tmp_path_factory.mktemp("data")
     options = dict(seed=0, num_train=32, num_val=8, image_size=SIZE)
     return data.get_dataset("shapes", "train", root, **options), data.get_dataset("shapes", "val", root, **options)
