@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from workbench.ops._cuda import KERNEL_DIR, compile_ptx
+from workbench.ops._cuda import compile_ptx, kernel_names
 from workbench.ops.prroi_pool import prroi_pool
 
 from . import cuda_host
 
-SOURCES = sorted(p.name for p in KERNEL_DIR.glob("*.cu"))
+SOURCES = kernel_names()
 
 
 def test_every_kernel_source_is_found():

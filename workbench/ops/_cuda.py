@@ -1,8 +1,10 @@
-"""The one place that loads ``kernels/*.cu`` and imports CuPy.
+"""The one place that loads the CUDA sources and imports CuPy.
 
-Each source is read once, prefixed with ``#line 1 "<path>"`` so compiler errors point at the
-file, and compiled by CuPy with NVRTC at first use (CuPy caches the binary per device and on
-disk). Importing this module never touches a GPU: CuPy is imported inside the functions.
+The sources are package data, ``workbench/kernels/*.cu``, found through :mod:`importlib.resources`
+so that a non-editable install or a wheel carries them (see ``kernels/README.md``). Each source is
+read once, prefixed with ``#line 1 "<path>"`` so compiler errors point at the file, and compiled
+by CuPy with NVRTC at first use on each device (CuPy also caches the binary on disk). Importing
+this module never touches a GPU: CuPy is imported inside the functions.
 """
 
 from __future__ import annotations
@@ -10,27 +12,33 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator
-from pathlib import Path
+from importlib import resources
+from importlib.resources.abc import Traversable
 
 import torch
 from torch import Tensor
 
-KERNEL_DIR = Path(__file__).resolve().parents[2] / "kernels"
+KERNEL_DIR: Traversable = resources.files("workbench") / "kernels"
 
 # PTX for Hopper by default; the test-suite compiles every source for this without a GPU.
 NVRTC_OPTIONS = ("--std=c++17",)
 
 
+def kernel_names() -> list[str]:
+    """The file names of the shipped CUDA sources, sorted."""
+    return sorted(entry.name for entry in KERNEL_DIR.iterdir() if entry.name.endswith(".cu"))
+
+
 def kernel_source(name: str) -> str:
-    """The text of ``kernels/<name>`` with a ``#line`` directive naming the file."""
+    """The text of ``workbench/kernels/<name>`` with a ``#line`` directive naming the file."""
     path = KERNEL_DIR / name
     if not path.is_file():
-        raise FileNotFoundError(f"kernel source {path} not found")
+        raise FileNotFoundError(f"kernel source {name!r} not found in {KERNEL_DIR}")
     return f'#line 1 "{path}"\n' + path.read_text()
 
 
 def compile_ptx(name: str, arch: str = "compute_90") -> str:
-    """Compile ``kernels/<name>`` to PTX with NVRTC directly, which needs no GPU.
+    """Compile ``workbench/kernels/<name>`` to PTX with NVRTC directly, which needs no GPU.
 
     Raises:
         RuntimeError: with the compiler log when the source does not compile.
@@ -59,29 +67,36 @@ def _cupy():
 
 @functools.lru_cache(maxsize=None)
 def load_module(name: str):
-    """A ``cupy.RawModule`` for ``kernels/<name>``; compiled lazily, per device, by CuPy."""
+    """A ``cupy.RawModule`` for ``workbench/kernels/<name>``; CuPy compiles it per device at first use."""
     cupy = _cupy()
     return cupy.RawModule(code=kernel_source(name), options=NVRTC_OPTIONS)
 
 
-def get_kernel(name: str, function: str):
-    """The ``__global__`` function ``function`` of ``kernels/<name>``."""
-    return load_module(name).get_function(function)
+@functools.lru_cache(maxsize=None)
+def get_kernel(name: str, function: str, device: int):
+    """The ``__global__`` function ``function`` of ``workbench/kernels/<name>``, loaded on GPU ``device``.
+
+    Cached per device: a CuPy kernel object is bound to the device whose context loaded it.
+    """
+    with _cupy().cuda.Device(device):
+        return load_module(name).get_function(function)
 
 
 def as_cupy(t: Tensor):
-    """A zero-copy CuPy view of a contiguous CUDA tensor."""
-    return _cupy().from_dlpack(t.detach().contiguous())
+    """A zero-copy CuPy view of a CUDA tensor, which must be contiguous (the kernels index it flat)."""
+    assert t.is_contiguous(), "kernel arguments must be contiguous"
+    return _cupy().from_dlpack(t.detach())
 
 
 @contextlib.contextmanager
-def on_device_of(t: Tensor) -> Iterator[None]:
+def on_device_of(t: Tensor) -> Iterator[int]:
     """Launch CuPy work on ``t``'s device and on PyTorch's current stream there, so ordering
-    with surrounding PyTorch work is preserved."""
+    with surrounding PyTorch work is preserved. Yields the device index."""
     cupy = _cupy()
-    stream = torch.cuda.current_stream(t.device)
-    with cupy.cuda.Device(t.device.index), cupy.cuda.ExternalStream(stream.cuda_stream, t.device.index):
-        yield
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    stream = torch.cuda.current_stream(index)
+    with cupy.cuda.Device(index), cupy.cuda.ExternalStream(stream.cuda_stream, index):
+        yield index
 
 
 def blocks_for(n: int, threads: int, max_blocks: int = 65535) -> int:

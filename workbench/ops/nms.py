@@ -140,7 +140,7 @@ def _suppress(boxes: Tensor, rank: Tensor, scores: Tensor, iou_threshold: float,
     dtype = _compute_dtype(boxes.dtype)
     boxes, rank, work = boxes.to(dtype), rank.to(dtype), scores.to(dtype)
     if boxes.is_cuda:
-        keep, new_scores = _suppress_cuda(boxes, rank, work if rescore else None, iou_threshold)
+        keep, new_scores, _ = _suppress_cuda(boxes, rank, work if rescore else None, iou_threshold)
         if new_scores is None:
             new_scores = work[keep]
     else:
@@ -156,7 +156,7 @@ def _soft(boxes: Tensor, scores: Tensor, iou_threshold: float, sigma: float, sco
     boxes, current = boxes.to(dtype), scores.to(dtype, copy=True)
     gaussian = method == "gaussian"
     if boxes.is_cuda:
-        keep, new_scores = _soft_cuda(boxes, current, iou_threshold, sigma, score_threshold, gaussian)
+        keep, new_scores, _ = _soft_cuda(boxes, current, iou_threshold, sigma, score_threshold, gaussian)
     else:
         # Boxes that start below the threshold are pruned before the first selection, so every
         # returned score is >= score_threshold.
@@ -171,12 +171,17 @@ def _soft(boxes: Tensor, scores: Tensor, iou_threshold: float, sigma: float, sco
 # --------------------------------------------------------------------------------------------
 
 
-def _kernel(name: str, dtype: torch.dtype):
-    return _cuda.get_kernel("nms.cu", f"{name}_{'double' if dtype == torch.float64 else 'float'}")
+def _kernel(name: str, dtype: torch.dtype, device: int):
+    return _cuda.get_kernel("nms.cu", f"{name}_{'double' if dtype == torch.float64 else 'float'}", device)
 
 
-def _suppress_cuda(boxes: Tensor, rank: Tensor, scores: Tensor | None, iou_threshold: float
-                   ) -> tuple[Tensor, Tensor | None]:
+def _suppress_cuda(boxes: Tensor, rank: Tensor, scores: Tensor | None, iou_threshold: float,
+                   with_suppressors: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Hard NMS by ``kernels/nms.cu``: (keep, new scores if ``scores`` is given, suppressors if asked).
+
+    ``boxes`` (Tensor[N, 4]), ``rank`` and ``scores`` (Tensor[N]) share one float dtype and device;
+    the suppressors (Tensor[N] int64) use input indices, -1 for a kept box.
+    """
     n = boxes.shape[0]
     if n > _MAX_CUDA_BOXES:
         raise ValueError(f"boxes must hold at most {_MAX_CUDA_BOXES} boxes for the CUDA NMS kernel, got {n}")
@@ -185,43 +190,59 @@ def _suppress_cuda(boxes: Tensor, rank: Tensor, scores: Tensor | None, iou_thres
     order = torch.sort(rank + 0.0, descending=True, stable=True).indices
     sorted_boxes = boxes[order].contiguous()
     sorted_scores = scores[order].contiguous() if scores is not None else None
-    mask = torch.empty((n, words), dtype=torch.int64, device=boxes.device)  # bit patterns of uint64 words
-    positions = torch.empty(n, dtype=torch.int64, device=boxes.device)
-    new_scores = torch.empty(n, dtype=boxes.dtype, device=boxes.device) if scores is not None else None
-    count = torch.zeros(1, dtype=torch.int64, device=boxes.device)
-    with _cuda.on_device_of(boxes):
-        _kernel("nms_mask", boxes.dtype)(
+    # Every buffer below is written by the kernels wherever it is read (the mask from each row's
+    # diagonal word on, the others up to ``count``), hence new_empty.
+    mask = boxes.new_empty((n, words), dtype=torch.int64)  # bit patterns of uint64 words
+    positions = boxes.new_empty(n, dtype=torch.int64)
+    new_scores = boxes.new_empty(n) if scores is not None else None
+    suppressors = boxes.new_empty(n, dtype=torch.int64) if with_suppressors else None
+    count = boxes.new_zeros(1, dtype=torch.int64)
+    with _cuda.on_device_of(boxes) as device:
+        _kernel("nms_mask", boxes.dtype, device)(
             (_cuda.blocks_for(words * words, 1),), (_WORD_BITS,),
             (_cuda.as_cupy(sorted_boxes), np.int64(n), np.float64(iou_threshold), _cuda.as_cupy(mask)),
         )
-        # A literal 0 is passed as a null pointer (a 64-bit zero): plain NMS, no rescoring.
-        score_args = (0, 0) if scores is None else (_cuda.as_cupy(sorted_scores), _cuda.as_cupy(new_scores))
-        _kernel("nms_scan", boxes.dtype)(
+        # None is passed as a null pointer: no rescoring, no suppressors.
+        optional = [None if t is None else _cuda.as_cupy(t) for t in (sorted_scores, new_scores, suppressors)]
+        _kernel("nms_scan", boxes.dtype, device)(
             (1,), (_BLOCK_THREADS,),
-            (_cuda.as_cupy(mask), np.int64(n), *score_args, _cuda.as_cupy(positions), _cuda.as_cupy(count)),
+            (_cuda.as_cupy(mask), np.int64(n), *optional, _cuda.as_cupy(positions), _cuda.as_cupy(count)),
             shared_mem=words * 8,
         )
     k = int(count.item())
-    return order[positions[:k]], (None if new_scores is None else new_scores[:k])
+    if suppressors is not None:
+        # The kernel speaks sorted positions; map both the box and its suppressor back to input indices.
+        by_input = torch.where(suppressors < 0, suppressors, order[suppressors.clamp(min=0)])
+        suppressors = torch.empty_like(by_input).index_copy_(0, order, by_input)
+    return order[positions[:k]], (None if new_scores is None else new_scores[:k]), suppressors
 
 
 def _soft_cuda(boxes: Tensor, current: Tensor, iou_threshold: float, sigma: float, score_threshold: float,
-               gaussian: bool) -> tuple[Tensor, Tensor]:
+               gaussian: bool, with_suppressors: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Soft-NMS by ``kernels/nms.cu``: (keep, scores at selection, suppressors if asked).
+
+    ``current`` (Tensor[N]) is a work copy of the scores, decayed in place; suppressors
+    (Tensor[N] int64) are input indices, -1 for a kept box, -2 for one below ``score_threshold``
+    from the start.
+    """
     n = boxes.shape[0]
     boxes, current = boxes.contiguous(), current.contiguous()
-    alive = torch.empty(n, dtype=torch.uint8, device=boxes.device)
-    keep = torch.empty(n, dtype=torch.int64, device=boxes.device)
-    kept_scores = torch.empty(n, dtype=boxes.dtype, device=boxes.device)
-    count = torch.zeros(1, dtype=torch.int64, device=boxes.device)
-    with _cuda.on_device_of(boxes):
-        _kernel("soft_nms", boxes.dtype)(
+    # The kernel writes alive and suppressors entirely, keep and kept_scores up to ``count``.
+    alive = boxes.new_empty(n, dtype=torch.uint8)
+    keep = boxes.new_empty(n, dtype=torch.int64)
+    kept_scores = boxes.new_empty(n)
+    suppressors = boxes.new_empty(n, dtype=torch.int64) if with_suppressors else None
+    count = boxes.new_zeros(1, dtype=torch.int64)
+    with _cuda.on_device_of(boxes) as device:
+        _kernel("soft_nms", boxes.dtype, device)(
             (1,), (_BLOCK_THREADS,),
             (_cuda.as_cupy(boxes), _cuda.as_cupy(current), _cuda.as_cupy(alive), np.int64(n),
              np.float64(iou_threshold), np.float64(sigma), np.float64(score_threshold), np.int32(gaussian),
+             None if suppressors is None else _cuda.as_cupy(suppressors),
              _cuda.as_cupy(keep), _cuda.as_cupy(kept_scores), _cuda.as_cupy(count)),
         )
     k = int(count.item())
-    return keep[:k], kept_scores[:k]
+    return keep[:k], kept_scores[:k], suppressors
 
 
 # --------------------------------------------------------------------------------------------

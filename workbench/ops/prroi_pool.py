@@ -161,15 +161,16 @@ _KERNEL_DTYPES = {torch.float32: ("float", np.float32), torch.float64: ("double"
 
 
 def _launch(kernel: str, total: int, tensors: tuple[Tensor, ...], shape: tuple[int, ...], spatial_scale: float) -> None:
-    """Launch ``kernel`` of ``kernels/prroi_pool.cu`` over ``total`` work items.
+    """Launch ``kernel`` of ``workbench/kernels/prroi_pool.cu`` over ``total`` work items.
 
-    ``shape`` is ``(C, H, W, PH, PW)``; every kernel takes its tensors first, then those sizes,
-    the spatial scale and the item count, in that order.
+    ``shape`` is ``(C, H, W, PH, PW)``; every kernel takes its tensors (contiguous, the last one
+    the output) first, then those sizes, the spatial scale and the item count, in that order.
     """
     suffix, scalar = _KERNEL_DTYPES[tensors[0].dtype]
-    function = _cuda.get_kernel("prroi_pool.cu", f"{kernel}_{suffix}")
-    args = (*map(_cuda.as_cupy, tensors), *map(np.int32, shape), scalar(spatial_scale), np.int64(total))
-    with _cuda.on_device_of(tensors[0]):
+    # The kernel object and the CuPy views belong to the tensors' device, not the current one.
+    with _cuda.on_device_of(tensors[0]) as device:
+        function = _cuda.get_kernel("prroi_pool.cu", f"{kernel}_{suffix}", device)
+        args = (*map(_cuda.as_cupy, tensors), *map(np.int32, shape), scalar(spatial_scale), np.int64(total))
         function((_cuda.blocks_for(total, _THREADS),), (_THREADS,), args)
 
 
@@ -180,7 +181,8 @@ class _PrRoIPoolCUDA(torch.autograd.Function):
     def forward(ctx, features: Tensor, rois: Tensor, ph: int, pw: int, spatial_scale: float) -> Tensor:
         features, rois = features.contiguous(), rois.contiguous()
         shape = (*features.shape[1:], ph, pw)
-        out = features.new_zeros((rois.shape[0], features.shape[1], ph, pw))
+        # The forward kernel writes every element.
+        out = features.new_empty((rois.shape[0], features.shape[1], ph, pw))
         if out.numel():
             _launch("prroi_forward", out.numel(), (features, rois, out), shape, spatial_scale)
         ctx.save_for_backward(features, rois)

@@ -12,9 +12,12 @@
 // Hard and IoU-guided NMS (boxes pre-sorted by the ranking key, stable, on the host):
 //   nms_mask_<T>  mask[i][w] bit b set  <=>  j = 64 w + b > i and IoU(i, j) > threshold
 //   nms_scan_<T>  one block walks i = 0..n-1 and keeps i unless a kept box removed it; with
-//                 scores it also gives each kept box the max score over the boxes it removed.
+//                 scores it also gives each kept box the max score over the boxes it removed,
+//                 with suppressors it records which kept box removed each box.
 // Soft-NMS (boxes in input order):
 //   soft_nms_<T>  one block runs the whole sequential loop.
+// Suppressors (optional, may be null): -1 for a kept box, else the (sorted, for the scan) index of
+// the kept box that removed it; Soft-NMS writes -2 for a box below score_threshold from the start.
 //
 // Entry points: <name>_float and <name>_double. No host code; compiled by NVRTC through CuPy.
 
@@ -130,10 +133,11 @@ __device__ void nms_mask_impl(const T* __restrict__ boxes, long long n, double i
 // Launched as ONE block with dynamic shared memory of words * 8 bytes (the "removed" bitset).
 // keep[0..count) receives the kept positions in the sorted order. scores (sorted like the boxes)
 // and new_scores may be null; when given, new_scores[k] = max(scores[i], scores[j] for the j that
-// the k-th kept box i removes now).
+// the k-th kept box i removes now). suppressors may be null; when given, every entry is written.
 template <typename T>
 __device__ void nms_scan_impl(const unsigned long long* __restrict__ mask, long long n,
                               const T* __restrict__ scores, T* __restrict__ new_scores,
+                              long long* __restrict__ suppressors,
                               long long* __restrict__ keep, long long* __restrict__ count) {
     extern __shared__ unsigned long long removed[];
     __shared__ T slots[NMS_MAX_WARPS];
@@ -147,23 +151,25 @@ __device__ void nms_scan_impl(const unsigned long long* __restrict__ mask, long 
         if ((removed[wi] >> (i % NMS_WORD_BITS)) & 1ull) continue;
         const unsigned long long* row = mask + i * words;  // valid from word wi on
         T best = T(0);
-        if (scores != nullptr) {
-            T local = scores[i];
+        if (scores != nullptr || suppressors != nullptr) {
+            T local = scores != nullptr ? scores[i] : T(0);
             for (long long w = wi + threadIdx.x; w < words; w += blockDim.x) {
                 unsigned long long fresh = row[w] & ~removed[w];  // removed by i now, not before
                 while (fresh) {
-                    const int b = __ffsll((long long)fresh) - 1;
+                    const long long j = w * NMS_WORD_BITS + (__ffsll((long long)fresh) - 1);
                     fresh &= fresh - 1ull;
-                    local = max_(local, scores[w * NMS_WORD_BITS + b]);
+                    if (scores != nullptr) local = max_(local, scores[j]);
+                    if (suppressors != nullptr) suppressors[j] = i;
                 }
             }
-            best = block_max(local, slots);
+            if (scores != nullptr) best = block_max(local, slots);  // uniform condition: safe barrier
         }
         __syncthreads();  // every thread has read removed[] for box i before it changes
         for (long long w = wi + threadIdx.x; w < words; w += blockDim.x) removed[w] |= row[w];
         if (threadIdx.x == 0) {
             keep[kept] = i;
             if (scores != nullptr) new_scores[kept] = best;
+            if (suppressors != nullptr) suppressors[i] = -1;
         }
         ++kept;
         __syncthreads();  // removed[] is complete before box i + 1 is tested; slots are free again
@@ -175,16 +181,21 @@ __device__ void nms_scan_impl(const unsigned long long* __restrict__ mask, long 
 
 // Launched as ONE block. boxes: (n, 4) and scores: (n) in input order; scores is a work copy,
 // decayed in place; alive: (n) scratch. keep/kept_scores[0..count) receive the selected indices
-// and their scores at selection. Box j is only ever touched by thread j % blockDim.x, in every
-// loop, so alive[] and scores[] need no barrier of their own.
+// and their scores at selection; suppressors (may be null) gets every entry written. Box j is only
+// ever touched by thread j % blockDim.x, in every loop, so alive[], scores[] and suppressors[]
+// need no barrier of their own.
 template <typename T>
 __device__ void soft_nms_impl(const T* __restrict__ boxes, T* __restrict__ scores, unsigned char* __restrict__ alive,
                               long long n, double iou_threshold, double sigma, double score_threshold, int gaussian,
-                              long long* __restrict__ keep, T* __restrict__ kept_scores, long long* __restrict__ count) {
+                              long long* __restrict__ suppressors, long long* __restrict__ keep,
+                              T* __restrict__ kept_scores, long long* __restrict__ count) {
     __shared__ T slot_s[NMS_MAX_WARPS];
     __shared__ long long slot_i[NMS_MAX_WARPS];
     const T sigma_t = (T)sigma;  // the CPU path divides by sigma in the scores' dtype too
-    for (long long j = threadIdx.x; j < n; j += blockDim.x) alive[j] = (double)scores[j] >= score_threshold;
+    for (long long j = threadIdx.x; j < n; j += blockDim.x) {
+        alive[j] = (double)scores[j] >= score_threshold;
+        if (suppressors != nullptr) suppressors[j] = alive[j] ? -1 : -2;
+    }
     long long kept = 0;
     while (true) {
         T s = T(0);
@@ -207,7 +218,10 @@ __device__ void soft_nms_impl(const T* __restrict__ boxes, T* __restrict__ score
                 score = mul_rn(score, sub_rn(T(1), iou));
             }
             scores[j] = score;
-            if ((double)score < score_threshold) alive[j] = 0;
+            if ((double)score < score_threshold) {
+                alive[j] = 0;
+                if (suppressors != nullptr) suppressors[j] = top;
+            }
         }
         __syncthreads();  // all threads have read the slots before the next round writes them
     }
@@ -222,14 +236,16 @@ __device__ void soft_nms_impl(const T* __restrict__ boxes, T* __restrict__ score
         nms_mask_impl<T>(boxes, n, iou_threshold, mask);                                                      \
     }                                                                                                         \
     extern "C" __global__ void nms_scan_##T(const unsigned long long* mask, long long n, const T* scores,     \
-                                            T* new_scores, long long* keep, long long* count) {              \
-        nms_scan_impl<T>(mask, n, scores, new_scores, keep, count);                                           \
+                                            T* new_scores, long long* suppressors, long long* keep,          \
+                                            long long* count) {                                              \
+        nms_scan_impl<T>(mask, n, scores, new_scores, suppressors, keep, count);                              \
     }                                                                                                         \
     extern "C" __global__ void soft_nms_##T(const T* boxes, T* scores, unsigned char* alive, long long n,    \
                                             double iou_threshold, double sigma, double score_threshold,      \
-                                            int gaussian, long long* keep, T* kept_scores, long long* count) { \
-        soft_nms_impl<T>(boxes, scores, alive, n, iou_threshold, sigma, score_threshold, gaussian, keep,    \
-                         kept_scores, count);                                                                 \
+                                            int gaussian, long long* suppressors, long long* keep,           \
+                                            T* kept_scores, long long* count) {                              \
+        soft_nms_impl<T>(boxes, scores, alive, n, iou_threshold, sigma, score_threshold, gaussian,          \
+                         suppressors, keep, kept_scores, count);                                              \
     }
 
 NMS_ENTRY_POINTS(float)
