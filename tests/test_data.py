@@ -429,6 +429,17 @@ def test_tile_origins_cover_evenly_with_bounded_stride():
         neon.tile_origins(399)
 
 
+def test_grid_windows_tile_a_region_without_overlap():
+    assert neon.grid_windows((0, 0, 400, 400)) == [(0, 0, 400, 400)]
+    assert neon.grid_windows((10, 20, 900, 420)) == [(10, 20, 410, 420), (410, 20, 810, 420), (810, 20, 900, 420)]
+    for w, h in [(400, 1035), (2299, 800), (37, 950)]:
+        covered = np.zeros((h, w), dtype=int)
+        for x0, y0, x1, y1 in neon.grid_windows((0, 0, w, h)):
+            assert 0 < x1 - x0 <= 400 and 0 < y1 - y0 <= 400
+            covered[y0:y1, x0:x1] += 1
+        assert (covered == 1).all()
+
+
 def test_clip_to_tile_keeps_boxes_at_least_half_inside():
     window = (100, 100, 500, 500)
     boxes = np.array([
@@ -503,7 +514,7 @@ def test_neon_counts_match_manifest_and_readme(neon_folder, neon_coco):
         assert manifest["splits"][split]["tile_files"] == [img["file_name"] for img in coco["images"]]
     # The numbers stated in data/README.md
     counts = {s: (len(c["images"]), len(c["annotations"]), manifest["splits"][s]["source_boxes"]) for s, c in neon_coco.items()}
-    assert counts == {"train": (62, 1251, 701), "val": (20, 405, 250)}
+    assert counts == {"train": (62, 1257, 683), "val": (15, 269, 268)}
 
 
 def test_neon_boxes_equal_a_recount_from_the_raw_xml(neon_raw, neon_coco):
@@ -514,7 +525,8 @@ def test_neon_boxes_equal_a_recount_from_the_raw_xml(neon_raw, neon_coco):
             anns_of[a["image_id"]].append([round(v, 6) for v in a["bbox"]])
         for img in coco["images"]:
             wx0, wy0, wx1, wy1 = img["tile_window"]
-            assert (wx1 - wx0, wy1 - wy0) == (img["width"], img["height"]) == (400, 400)
+            assert (wx1 - wx0, wy1 - wy0) == (img["width"], img["height"])
+            assert split == "val" or (img["width"], img["height"]) == (400, 400)
             expected = []
             for _, (x0, y0, x1, y1) in neon_raw[img["source_image"]][2]:
                 ix0, iy0, ix1, iy1 = max(x0, wx0), max(y0, wy0), min(x1, wx1), min(y1, wy1)
@@ -553,7 +565,18 @@ def test_neon_split_shares_no_tile_and_no_pixel(neon_coco):
     # The declared regions: val is the bottom of the large YELL image and the right of the smaller one.
     for v in val:
         x0, y0, _, _ = v["tile_window"]
-        assert {"2019_YELL_2_528000_4978000_image_crop2": y0 >= 1772, "2019_YELL_2_541000_4977000_image_crop": x0 >= 849}[v["source_image"]]
+        assert {"2019_YELL_2_528000_4978000_image_crop2": y0 >= 1672, "2019_YELL_2_541000_4977000_image_crop": x0 >= 849}[v["source_image"]]
+
+
+def test_neon_val_tiles_do_not_overlap(neon_coco):
+    val = neon_coco["val"]["images"]
+    for i, a in enumerate(val):
+        for b in val[i + 1:]:
+            if a["source_image"] == b["source_image"]:
+                (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = a["tile_window"], b["tile_window"]
+                assert min(ax1, bx1) <= max(ax0, bx0) or min(ay1, by1) <= max(ay0, by0), (a, b)
+        x0, y0, x1, y1 = a["tile_window"]
+        assert (a["width"], a["height"]) == (x1 - x0, y1 - y0) and max(x1 - x0, y1 - y0) == neon.TILE_SIZE
 
 
 def test_neon_tiles_cover_their_source_images(neon_coco):

