@@ -20,6 +20,7 @@ import torchvision
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from workbench.ops import _nms_cpu
 from workbench.ops.nms import batched_iou_guided_nms, batched_nms, batched_soft_nms, iou_guided_nms, nms, soft_nms
 
 CUDA = torch.cuda.is_available()
@@ -90,16 +91,22 @@ def ref_iou(a: list[float], b: list[float]) -> float:
 
 
 def ref_soft_nms(boxes, scores, iou_threshold, sigma, score_threshold, method):
-    """Bodla et al. 2017, Algorithm 1, with boxes below ``score_threshold`` discarded."""
+    """Bodla et al. 2017, Algorithm 1, with boxes below ``score_threshold`` discarded.
+
+    Returns (kept indices, their scores, suppressors): -1 kept, -2 below the threshold from the
+    start, else the selected box whose decay pushed it below.
+    """
     B = boxes.tolist()
     S = scores.tolist()
     remaining = [i for i in range(len(B)) if S[i] >= score_threshold]
+    suppressors = [-2] * len(B)
     D, kept_scores = [], []
     while remaining:
         m = max(remaining, key=lambda i: (S[i], -i))  # highest score, then lowest index
         remaining.remove(m)
         D.append(m)
         kept_scores.append(S[m])
+        suppressors[m] = -1
         for i in remaining:
             iou = ref_iou(B[m], B[i])
             if method == "linear":
@@ -107,16 +114,19 @@ def ref_soft_nms(boxes, scores, iou_threshold, sigma, score_threshold, method):
                     S[i] = S[i] * (1 - iou)
             elif not math.isnan(iou):
                 S[i] = S[i] * math.exp(-(iou * iou) / sigma)
+            if S[i] < score_threshold:
+                suppressors[i] = m
         remaining = [i for i in remaining if S[i] >= score_threshold]
-    return D, kept_scores
+    return D, kept_scores, suppressors
 
 
 def ref_iou_guided_nms(boxes, scores, ious, iou_threshold):
-    """IoU-Net, Algorithm 1."""
+    """IoU-Net, Algorithm 1. Returns (kept indices, their scores, suppressors: -1 kept, else the remover)."""
     B = boxes.tolist()
     S = scores.tolist()
     I = ious.tolist()  # noqa: E741 (the paper's name)
     remaining = list(range(len(B)))
+    suppressors = [-1] * len(B)
     D, kept_scores = [], []
     while remaining:
         m = max(remaining, key=lambda j: (I[j], -j))
@@ -126,9 +136,10 @@ def ref_iou_guided_nms(boxes, scores, ious, iou_threshold):
             if ref_iou(B[m], B[j]) > iou_threshold:
                 s = max(s, S[j])
                 remaining.remove(j)
+                suppressors[j] = m
         D.append(m)
         kept_scores.append(s)
-    return D, kept_scores
+    return D, kept_scores, suppressors
 
 
 def ref_batched(run, idxs, tensors, *args):
@@ -137,7 +148,7 @@ def ref_batched(run, idxs, tensors, *args):
     labels = idxs.tolist()
     for c in sorted(set(labels)):
         members = [i for i, k in enumerate(labels) if k == c]
-        keep, kept_scores = run(*(t[members] for t in tensors), *args)
+        keep, kept_scores, *_ = run(*(t[members] for t in tensors), *args)
         results += [(s, members[k]) for k, s in zip(keep, kept_scores)]
     results.sort(key=lambda r: (-r[0], r[1]))
     return [i for _, i in results], [s for s, _ in results]
@@ -321,7 +332,7 @@ def test_soft_nms_linear_matches_reference(device, case, iou_threshold, score_th
     # Integer corners: every IoU is one correctly rounded division, so the arithmetic is exact
     # up to the same roundings in both, and ties in the decayed scores are reproduced bit for bit.
     boxes, scores, _ = case
-    expected = ref_soft_nms(boxes, scores, iou_threshold, 0.5, score_threshold, "linear")
+    expected = ref_soft_nms(boxes, scores, iou_threshold, 0.5, score_threshold, "linear")[:2]
     keep, new_scores = soft_nms(boxes.to(device), scores.to(device), iou_threshold, 0.5, score_threshold, "linear")
     assert (keep.tolist(), new_scores.tolist()) == expected
 
@@ -334,7 +345,7 @@ def test_soft_nms_gaussian_matches_reference(device, case, sigma, score_threshol
     # torch.exp and math.exp may differ in the last bit, so scores are distinct (no near ties)
     # and compared with a tolerance.
     boxes, scores, _ = case
-    expected_keep, expected_scores = ref_soft_nms(boxes, scores, 0.3, sigma, score_threshold, "gaussian")
+    expected_keep, expected_scores, _ = ref_soft_nms(boxes, scores, 0.3, sigma, score_threshold, "gaussian")
     keep, new_scores = soft_nms(boxes.to(device), scores.to(device), 0.3, sigma, score_threshold, "gaussian")
     assert keep.tolist() == expected_keep
     assert new_scores.tolist() == pytest.approx(expected_scores, rel=1e-12)
@@ -393,7 +404,7 @@ def test_iou_guided_nms_only_takes_scores_of_boxes_removed_now():
 @given(case=detections(), iou_threshold=THRESHOLDS)
 def test_iou_guided_nms_matches_reference(device, case, iou_threshold):
     boxes, scores, ious = case
-    expected = ref_iou_guided_nms(boxes, scores, ious, iou_threshold)
+    expected = ref_iou_guided_nms(boxes, scores, ious, iou_threshold)[:2]
     keep, new_scores = iou_guided_nms(boxes.to(device), scores.to(device), ious.to(device), iou_threshold)
     assert (keep.tolist(), new_scores.tolist()) == expected
 
@@ -423,6 +434,138 @@ def test_batched_forms_keep_classes_apart(device):
     keep, new_scores = batched_soft_nms(boxes, scores, idxs, score_threshold=0.1)
     # Identical boxes: IoU 1, linear decay to 0, so one survivor per class.
     assert keep.tolist() == [0, 1] and new_scores.tolist() == pytest.approx([0.9, 0.8])
+
+
+# ------------------------------------------------------------------------------------------------
+# Suppressors, and the CPU fast paths against the reference loop
+# ------------------------------------------------------------------------------------------------
+
+
+def ref_batched_suppressors(run, idxs, tensors, *args):
+    """The suppressors of ``run`` applied per class, as input indices (negative codes unchanged)."""
+    labels = idxs.tolist()
+    suppressors = [None] * len(labels)
+    for c in sorted(set(labels)):
+        members = [i for i, k in enumerate(labels) if k == c]
+        for i, s in zip(members, run(*(t[members] for t in tensors), *args)[2]):
+            suppressors[i] = members[s] if s >= 0 else s
+    return suppressors
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@settings(max_examples=200, deadline=None)
+@given(case=st.one_of(detections(), detections(continuous=True)), iou_threshold=THRESHOLDS)
+def test_reference_nms_matches_torchvision(dtype, case, iou_threshold):
+    # The CPU fast path is torchvision.ops.nms itself, so the reference loop is checked against it here.
+    boxes, scores, _ = (t.to(dtype) for t in case)
+    keep = _nms_cpu.reference_suppress(boxes, scores, scores, iou_threshold, rescore=False)[0]
+    assert keep.tolist() == torchvision.ops.nms(boxes, scores, iou_threshold).tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rescore", [False, True])
+@settings(max_examples=200, deadline=None)
+@given(case=st.one_of(detections(), detections(continuous=True)), iou_threshold=THRESHOLDS)
+def test_fast_suppress_equals_reference(dtype, rescore, case, iou_threshold):
+    boxes, scores, ious = (t.to(dtype) for t in case)
+    expected = _nms_cpu.reference_suppress(boxes, ious, scores, iou_threshold, rescore)
+    got = _nms_cpu.suppress(boxes, ious, scores, iou_threshold, rescore, with_suppressors=True)
+    for g, e in zip(got, expected):
+        assert g.dtype == e.dtype and g.tolist() == e.tolist()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_fast_suppress_equals_reference_on_many_boxes_in_blocks(monkeypatch, seed):
+    # Small blocks, so that the kept x dropped IoUs are split many times.
+    monkeypatch.setattr(_nms_cpu, "_BLOCK_ELEMENTS", 1000)
+    boxes, scores = random_boxes(1500, seed)
+    ious = (random_boxes(1500, seed + 10)[1] * 8).round()  # many ties in the ranking key
+    for iou_threshold in (0.0, 0.3, 0.7):
+        expected = _nms_cpu.reference_suppress(boxes, ious, scores, iou_threshold, rescore=True)
+        got = _nms_cpu.suppress(boxes, ious, scores, iou_threshold, rescore=True, with_suppressors=True)
+        assert all(torch.equal(g, e) for g, e in zip(got, expected))
+
+
+@settings(max_examples=300, deadline=None)
+@given(threshold=st.one_of(THRESHOLDS, st.floats(0, 1e-30)), x=st.lists(st.floats(0, 1, width=32), max_size=20))
+def test_strictly_above_compares_float32_as_float64(threshold, x):
+    values = torch.tensor(x + [threshold], dtype=torch.float32)  # the threshold's own float32 rounding too
+    bound = _nms_cpu.strictly_above(torch.float32, threshold)
+    assert torch.equal(values > bound, values.double() > threshold)
+
+
+def test_suppressors_by_hand():
+    # A [0,0,10,10], B [1,0,11,10], C [4,0,14,10], D [30,30,40,40]: IoU(A, B) = 90/110 = 0.818,
+    # IoU(B, C) = 70/130 = 0.538, IoU(A, C) = 60/140 = 0.429; D overlaps nothing.
+    # NMS 0.5 by score (B, A, C, D): B removes A and C.
+    boxes = torch.tensor([[0, 0, 10, 10], [1, 0, 11, 10], [4, 0, 14, 10], [30, 30, 40, 40]], dtype=torch.float64)
+    scores = torch.tensor([0.8, 0.9, 0.7, 0.1], dtype=torch.float64)
+    keep, suppressors = nms(boxes, scores, 0.5, return_suppressors=True)
+    assert keep.tolist() == [1, 3] and suppressors.tolist() == [1, -1, 1, -1]
+    # Ranked by predicted IoU A, C, B, D: A removes B and takes its 0.9; C survives A (0.429).
+    ious = torch.tensor([0.9, 0.5, 0.7, 0.1], dtype=torch.float64)
+    keep, new_scores, suppressors = iou_guided_nms(boxes, scores, ious, 0.5, return_suppressors=True)
+    assert keep.tolist() == [0, 2, 3] and new_scores.tolist() == [0.9, 0.7, 0.1]
+    assert suppressors.tolist() == [-1, 0, -1, -1]
+    # Linear Soft-NMS from IoU 0.3, score_threshold 0.3: D starts below 0.3. B (0.9) decays A to
+    # 0.8 * 20/110 = 0.145, below 0.3, and C to 0.7 * 60/130 = 0.323, which is then kept.
+    keep, new_scores, suppressors = soft_nms(boxes, scores, 0.3, score_threshold=0.3, return_suppressors=True)
+    assert keep.tolist() == [1, 2] and suppressors.tolist() == [1, -1, -1, -2]
+    assert new_scores.tolist() == pytest.approx([0.9, 0.7 * 60 / 130])
+
+
+@settings(max_examples=200, deadline=None)
+@given(case=st.one_of(detections(), detections(continuous=True)), iou_threshold=THRESHOLDS,
+       score_threshold=st.sampled_from([0.0, 0.001, 0.2, 0.5]))
+def test_suppressors_match_the_plain_references(case, iou_threshold, score_threshold):
+    boxes, scores, ious = case
+    keep, suppressors = nms(boxes, scores, iou_threshold, return_suppressors=True)
+    # IoU-guided NMS ranked by the scores themselves removes exactly what NMS removes.
+    expected_keep, _, expected = ref_iou_guided_nms(boxes, scores, scores, iou_threshold)
+    assert keep.tolist() == expected_keep and suppressors.tolist() == expected
+    got = iou_guided_nms(boxes, scores, ious, iou_threshold, return_suppressors=True)
+    assert tuple(t.tolist() for t in got) == ref_iou_guided_nms(boxes, scores, ious, iou_threshold)
+    got = soft_nms(boxes, scores, iou_threshold, 0.5, score_threshold, "linear", return_suppressors=True)
+    assert tuple(t.tolist() for t in got) == ref_soft_nms(boxes, scores, iou_threshold, 0.5, score_threshold, "linear")
+
+
+@settings(max_examples=100, deadline=None)
+@given(case=detections(tied=False), sigma=st.sampled_from([0.1, 0.5, 2.0]),
+       score_threshold=st.sampled_from([0.0, 0.001, 0.2]))
+def test_gaussian_soft_nms_suppressors_match_the_plain_reference(case, sigma, score_threshold):
+    boxes, scores, _ = case
+    keep, _, suppressors = soft_nms(boxes, scores, 0.3, sigma, score_threshold, "gaussian", return_suppressors=True)
+    expected_keep, _, expected = ref_soft_nms(boxes, scores, 0.3, sigma, score_threshold, "gaussian")
+    assert keep.tolist() == expected_keep and suppressors.tolist() == expected
+
+
+@settings(max_examples=100, deadline=None)
+@given(case=detections(), idxs=st.lists(st.integers(0, 2), min_size=30, max_size=30), iou_threshold=THRESHOLDS)
+def test_batched_suppressors_are_input_indices(case, idxs, iou_threshold):
+    boxes, scores, ious = case
+    idxs = torch.tensor(idxs[: boxes.shape[0]], dtype=torch.int64)
+    keep, suppressors = batched_nms(boxes, scores, idxs, iou_threshold, return_suppressors=True)
+    assert keep.tolist() == batched_nms(boxes, scores, idxs, iou_threshold).tolist()
+    assert suppressors.tolist() == ref_batched_suppressors(ref_iou_guided_nms, idxs, (boxes, scores, scores), iou_threshold)
+    got = batched_iou_guided_nms(boxes, scores, ious, idxs, iou_threshold, return_suppressors=True)
+    assert got[2].tolist() == ref_batched_suppressors(ref_iou_guided_nms, idxs, (boxes, scores, ious), iou_threshold)
+    assert [t.tolist() for t in got[:2]] == [t.tolist() for t in batched_iou_guided_nms(boxes, scores, ious, idxs, iou_threshold)]
+    got = batched_soft_nms(boxes, scores, idxs, iou_threshold, score_threshold=0.2, return_suppressors=True)
+    expected = ref_batched_suppressors(ref_soft_nms, idxs, (boxes, scores), iou_threshold, 0.5, 0.2, "linear")
+    assert got[2].tolist() == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_suppressors_of_empty_inputs(dtype):
+    boxes, scores = torch.zeros(0, 4, dtype=dtype), torch.zeros(0, dtype=dtype)
+    idxs = torch.zeros(0, dtype=torch.int64)
+    for out in (nms(boxes, scores, 0.5, return_suppressors=True),
+                batched_nms(boxes, scores, idxs, 0.5, return_suppressors=True),
+                soft_nms(boxes, scores, return_suppressors=True),
+                batched_soft_nms(boxes, scores, idxs, return_suppressors=True),
+                iou_guided_nms(boxes, scores, scores, 0.5, return_suppressors=True),
+                batched_iou_guided_nms(boxes, scores, scores, idxs, 0.5, return_suppressors=True)):
+        assert out[-1].shape == (0,) and out[-1].dtype == torch.int64
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Greedy non-maximum suppression: standard NMS, Soft-NMS (Bodla et al. 2017) and IoU-guided NMS
 (IoU-Net, Algorithm 1), each with a class-aware ``batched_*`` form.
 
-All three are one greedy loop, :func:`_greedy_nms`: select the alive box with the highest
+All three are one greedy loop, :func:`._nms_cpu.greedy_nms`: select the alive box with the highest
 ranking key (ties go to the lower index), keep it, and let a *rule* decide the fate of the boxes
 still alive from their IoU with the selected one. Only the key and the rule differ:
 
@@ -12,7 +12,9 @@ still alive from their IoU with the selected one. Only the key and the rule diff
   IoU > ``iou_threshold``, and the kept box takes the highest score among itself and the boxes it
   dropped.
 
-CPU tensors run that loop in PyTorch: it is the reference. CUDA tensors run the kernels in
+That loop, in PyTorch, is the reference; CPU tensors run the fast paths of :mod:`._nms_cpu`,
+which the tests hold equal to it (hard NMS through ``torchvision.ops.nms``, Soft-NMS by
+selecting many boxes per step). CUDA tensors run the kernels in
 ``kernels/nms.cu``, which repeat its arithmetic operation for operation and its tie-breaking:
 a parallel bitmask of "i suppresses j" walked by one block (:func:`nms`, :func:`iou_guided_nms`),
 and a one-block Soft-NMS loop. float16 and bfloat16 inputs are computed in float32 on both
@@ -28,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import _cuda
+from . import _cuda, _nms_cpu
 from ._checks import (
     check_boxes,
     check_finite,
@@ -38,13 +40,8 @@ from ._checks import (
     check_tensor,
     check_threshold,
 )
-from .boxes import pairwise_iou
 
 __all__ = ["nms", "soft_nms", "iou_guided_nms", "batched_nms", "batched_soft_nms", "batched_iou_guided_nms"]
-
-# A rule sees the selected box, the indices of the boxes still alive besides it (ascending) and
-# their IoU with it; it returns which of them stay alive and the selected box's output score.
-_Rule = Callable[[int, Tensor, Tensor], tuple[Tensor, Tensor]]
 
 _SOFT_METHODS = ("linear", "gaussian")
 
@@ -58,74 +55,8 @@ _MAX_CUDA_BOXES = _MAX_BITSET_BYTES * 8
 
 
 # --------------------------------------------------------------------------------------------
-# The reference path
+# Dispatch: CPU to ._nms_cpu, CUDA to the kernels below
 # --------------------------------------------------------------------------------------------
-
-
-def _greedy_nms(boxes: Tensor, rank: Tensor, rule: _Rule, alive: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """The greedy skeleton shared by every NMS variant.
-
-    Args:
-        boxes (Tensor[N, 4]): ``(x0, y0, x1, y1)``.
-        rank (Tensor[N]): ranking key; ``rule`` may change it in place (Soft-NMS decays it).
-        rule: decides, after each selection, which alive boxes survive and the selected box's score.
-        alive (Tensor[M] int64, optional): ascending indices of the candidate boxes; all by default.
-
-    Returns:
-        (Tensor[K] int64, Tensor[K]): selected indices in selection order, and their output scores.
-    """
-    if alive is None:
-        alive = torch.arange(boxes.shape[0], device=boxes.device)
-    keep: list[int] = []
-    kept_scores: list[Tensor] = []
-    # index_select / masked_select rather than ``x[index]``: advanced indexing of a 2-D tensor
-    # goes multi-threaded and stalls for milliseconds per call on a busy CPU.
-    while alive.numel():
-        # argmax returns the first maximum and ``alive`` is ascending, so ties go to the lower index.
-        pos = int(rank.index_select(0, alive).argmax())
-        top = int(alive[pos])
-        rest = torch.cat((alive[:pos], alive[pos + 1 :]))
-        iou = pairwise_iou(boxes[top : top + 1], boxes.index_select(0, rest))[0]
-        survive, score = rule(top, rest, iou)
-        keep.append(top)
-        kept_scores.append(score)
-        alive = rest.masked_select(survive)
-    if not keep:
-        return torch.empty(0, dtype=torch.int64, device=boxes.device), rank.new_empty(0)
-    return torch.tensor(keep, dtype=torch.int64, device=boxes.device), torch.stack(kept_scores)
-
-
-def _suppression_rule(scores: Tensor, iou_threshold: float, rescore: bool) -> _Rule:
-    """Hard suppression (IoU > threshold); with ``rescore`` the kept box takes the max score of its cluster."""
-
-    def rule(top: int, rest: Tensor, iou: Tensor) -> tuple[Tensor, Tensor]:
-        # In float64, as torchvision compares its float IoU to the double threshold: comparing in
-        # float32 would round the threshold first and flip IoUs that land between the two values.
-        # A 0/0 IoU (two zero-area boxes) is NaN and suppresses nothing.
-        suppressed = iou.double() > iou_threshold
-        score = scores[top]
-        if rescore:
-            score = torch.cat((scores[top : top + 1], scores.index_select(0, rest.masked_select(suppressed)))).max()
-        return ~suppressed, score
-
-    return rule
-
-
-def _soft_rule(current: Tensor, iou_threshold: float, sigma: float, score_threshold: float, gaussian: bool) -> _Rule:
-    """Soft-NMS decay of ``current`` (modified in place), then pruning below ``score_threshold``."""
-
-    def rule(top: int, rest: Tensor, iou: Tensor) -> tuple[Tensor, Tensor]:
-        if gaussian:
-            # A 0/0 IoU carries no overlap, so it must not decay (NaN would poison the score).
-            weight = torch.exp(-(iou * iou) / sigma).nan_to_num(nan=1.0)
-        else:
-            weight = torch.where(iou.double() >= iou_threshold, 1 - iou, torch.ones_like(iou))
-        decayed = current.index_select(0, rest) * weight
-        current.index_copy_(0, rest, decayed)
-        # The selected box is no longer alive, so its entry of ``current`` is final.
-        return decayed.double() >= score_threshold, current[top].clone()
-
-    return rule
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -133,37 +64,45 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _suppress(boxes: Tensor, rank: Tensor, scores: Tensor, iou_threshold: float, rescore: bool) -> tuple[Tensor, Tensor]:
-    """Hard NMS ranked by ``rank``: (keep in selection order, output scores in ``scores.dtype``)."""
+# (keep in selection order, output scores in the scores' dtype, suppressors or None)
+_Result = tuple[Tensor, Tensor, Tensor | None]
+
+
+def _empty_result(boxes: Tensor, scores: Tensor, with_suppressors: bool) -> _Result:
+    empty = torch.empty(0, dtype=torch.int64, device=boxes.device)
+    return empty, scores.new_empty(0), (empty.clone() if with_suppressors else None)
+
+
+def _suppress(boxes: Tensor, rank: Tensor, scores: Tensor, iou_threshold: float, rescore: bool,
+              with_suppressors: bool = False) -> _Result:
+    """Hard NMS ranked by ``rank``; with ``rescore``, IoU-guided NMS's cluster maximum of ``scores``."""
     if boxes.shape[0] == 0:
-        return torch.empty(0, dtype=torch.int64, device=boxes.device), scores.new_empty(0)
+        return _empty_result(boxes, scores, with_suppressors)
     dtype = _compute_dtype(boxes.dtype)
     boxes, rank, work = boxes.to(dtype), rank.to(dtype), scores.to(dtype)
     if boxes.is_cuda:
-        keep, new_scores, _ = _suppress_cuda(boxes, rank, work if rescore else None, iou_threshold)
+        keep, new_scores, suppressors = _suppress_cuda(boxes, rank, work if rescore else None, iou_threshold,
+                                                       with_suppressors)
         if new_scores is None:
             new_scores = work[keep]
     else:
-        keep, new_scores = _greedy_nms(boxes, rank, _suppression_rule(work, iou_threshold, rescore))
-    return keep, new_scores.to(scores.dtype)
+        keep, new_scores, suppressors = _nms_cpu.suppress(boxes, rank, work, iou_threshold, rescore, with_suppressors)
+    return keep, new_scores.to(scores.dtype), suppressors
 
 
 def _soft(boxes: Tensor, scores: Tensor, iou_threshold: float, sigma: float, score_threshold: float,
-          method: str) -> tuple[Tensor, Tensor]:
+          method: str, with_suppressors: bool = False) -> _Result:
     if boxes.shape[0] == 0:
-        return torch.empty(0, dtype=torch.int64, device=boxes.device), scores.new_empty(0)
+        return _empty_result(boxes, scores, with_suppressors)
     dtype = _compute_dtype(boxes.dtype)
     boxes, current = boxes.to(dtype), scores.to(dtype, copy=True)
     gaussian = method == "gaussian"
     if boxes.is_cuda:
-        keep, new_scores, _ = _soft_cuda(boxes, current, iou_threshold, sigma, score_threshold, gaussian)
+        keep, new_scores, suppressors = _soft_cuda(boxes, current, iou_threshold, sigma, score_threshold, gaussian,
+                                                   with_suppressors)
     else:
-        # Boxes that start below the threshold are pruned before the first selection, so every
-        # returned score is >= score_threshold.
-        alive = torch.nonzero(current.double() >= score_threshold).flatten()
-        rule = _soft_rule(current, iou_threshold, sigma, score_threshold, gaussian)
-        keep, new_scores = _greedy_nms(boxes, current, rule, alive)
-    return keep, new_scores.to(scores.dtype)
+        keep, new_scores, suppressors = _nms_cpu.soft(boxes, current, iou_threshold, sigma, score_threshold, gaussian)
+    return keep, new_scores.to(scores.dtype), suppressors if with_suppressors else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,8 +110,9 @@ def _soft(boxes: Tensor, scores: Tensor, iou_threshold: float, sigma: float, sco
 # --------------------------------------------------------------------------------------------
 
 
-def _kernel(name: str, dtype: torch.dtype, device: int):
-    return _cuda.get_kernel("nms.cu", f"{name}_{'double' if dtype == torch.float64 else 'float'}", device)
+def _launch(name: str, dtype: torch.dtype, grid: int, block: int, args: tuple, shared_mem: int = 0) -> None:
+    function = f"{name}_{'double' if dtype == torch.float64 else 'float'}"
+    _cuda.launch("nms.cu", function, grid, block, args, shared_mem)
 
 
 def _suppress_cuda(boxes: Tensor, rank: Tensor, scores: Tensor | None, iou_threshold: float,
@@ -197,18 +137,11 @@ def _suppress_cuda(boxes: Tensor, rank: Tensor, scores: Tensor | None, iou_thres
     new_scores = boxes.new_empty(n) if scores is not None else None
     suppressors = boxes.new_empty(n, dtype=torch.int64) if with_suppressors else None
     count = boxes.new_zeros(1, dtype=torch.int64)
-    with _cuda.on_device_of(boxes) as device:
-        _kernel("nms_mask", boxes.dtype, device)(
-            (_cuda.blocks_for(words * words, 1),), (_WORD_BITS,),
-            (_cuda.as_cupy(sorted_boxes), np.int64(n), np.float64(iou_threshold), _cuda.as_cupy(mask)),
-        )
-        # None is passed as a null pointer: no rescoring, no suppressors.
-        optional = [None if t is None else _cuda.as_cupy(t) for t in (sorted_scores, new_scores, suppressors)]
-        _kernel("nms_scan", boxes.dtype, device)(
-            (1,), (_BLOCK_THREADS,),
-            (_cuda.as_cupy(mask), np.int64(n), *optional, _cuda.as_cupy(positions), _cuda.as_cupy(count)),
-            shared_mem=words * 8,
-        )
+    _launch("nms_mask", boxes.dtype, _cuda.blocks_for(words * words, 1), _WORD_BITS,
+            (sorted_boxes, np.int64(n), np.float64(iou_threshold), mask))
+    # None is a null pointer: no rescoring, no suppressors.
+    _launch("nms_scan", boxes.dtype, 1, _BLOCK_THREADS,
+            (mask, np.int64(n), sorted_scores, new_scores, suppressors, positions, count), shared_mem=words * 8)
     k = int(count.item())
     if suppressors is not None:
         # The kernel speaks sorted positions; map both the box and its suppressor back to input indices.
@@ -233,14 +166,9 @@ def _soft_cuda(boxes: Tensor, current: Tensor, iou_threshold: float, sigma: floa
     kept_scores = boxes.new_empty(n)
     suppressors = boxes.new_empty(n, dtype=torch.int64) if with_suppressors else None
     count = boxes.new_zeros(1, dtype=torch.int64)
-    with _cuda.on_device_of(boxes) as device:
-        _kernel("soft_nms", boxes.dtype, device)(
-            (1,), (_BLOCK_THREADS,),
-            (_cuda.as_cupy(boxes), _cuda.as_cupy(current), _cuda.as_cupy(alive), np.int64(n),
-             np.float64(iou_threshold), np.float64(sigma), np.float64(score_threshold), np.int32(gaussian),
-             None if suppressors is None else _cuda.as_cupy(suppressors),
-             _cuda.as_cupy(keep), _cuda.as_cupy(kept_scores), _cuda.as_cupy(count)),
-        )
+    _launch("soft_nms", boxes.dtype, 1, _BLOCK_THREADS,
+            (boxes, current, alive, np.int64(n), np.float64(iou_threshold), np.float64(sigma),
+             np.float64(score_threshold), np.int32(gaussian), suppressors, keep, kept_scores, count))
     k = int(count.item())
     return keep[:k], kept_scores[:k], suppressors
 
@@ -259,9 +187,9 @@ def _check_common(boxes: object, scores: object, iou_threshold: object) -> tuple
 def _check_soft(scores: Tensor, sigma: object, score_threshold: object, method: object) -> tuple[float, float]:
     # A decayed +inf score would be inf * 0 = NaN, so Soft-NMS needs finite scores.
     check_finite("scores", scores)
+    if isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and not 0 < sigma < float("inf"):
+        raise ValueError(f"sigma must be a finite number > 0, got {sigma}")
     sigma = check_threshold("sigma", sigma)
-    if sigma == 0.0:
-        raise ValueError("sigma must be a finite number > 0, got 0.0")
     if method not in _SOFT_METHODS:
         raise ValueError(f"method must be one of {_SOFT_METHODS}, got {method!r}")
     return sigma, check_threshold("score_threshold", score_threshold)
@@ -285,26 +213,35 @@ def _by_score(keep: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
     return keep[order], scores[order]
 
 
-def _per_class(idxs: Tensor, run: Callable[[Tensor], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-    """Apply ``run(members) -> (keep, scores)`` to each class separately and merge by :func:`_by_score`.
+def _per_class(idxs: Tensor, run: Callable[[Tensor], _Result]) -> _Result:
+    """Apply ``run(members)`` to each class separately and merge by :func:`_by_score`.
 
     One call per class, not the coordinate-offset trick: offsetting boxes of different classes
     apart rounds their coordinates and can change IoUs near the threshold.
     """
     by_class = torch.argsort(idxs, stable=True)
     counts = torch.unique_consecutive(idxs[by_class], return_counts=True)[1]
-    keeps, scores = [], []
+    keeps, scores, suppressors = [], [], None
     # Stable sort: each class's members stay in ascending index order, so ties within a class
     # still go to the lower original index.
     for members in torch.split(by_class, counts.tolist()):
-        keep, score = run(members)
+        keep, score, suppressor = run(members)
         keeps.append(members[keep])
         scores.append(score)
-    return _by_score(torch.cat(keeps), torch.cat(scores))
+        if suppressor is not None:
+            if suppressors is None:
+                suppressors = torch.empty_like(idxs, dtype=torch.int64)
+            # Class-local suppressor positions back to input indices; the negative codes stay.
+            suppressors[members] = torch.where(suppressor >= 0, members[suppressor.clamp(min=0)], suppressor)
+    return *_by_score(torch.cat(keeps), torch.cat(scores)), suppressors
 
 
-def _empty_like(boxes: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
-    return torch.empty(0, dtype=torch.int64, device=boxes.device), scores.new_empty(0)
+def _output(result: _Result, with_scores: bool) -> Tensor | tuple[Tensor, ...]:
+    """The public return value: ``keep``, then ``new_scores`` if ``with_scores``, then the suppressors if computed."""
+    keep, new_scores, suppressors = result
+    out = (keep, new_scores) if with_scores else (keep,)
+    out += () if suppressors is None else (suppressors,)
+    return out if len(out) > 1 else keep
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,7 +249,8 @@ def _empty_like(boxes: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
 # --------------------------------------------------------------------------------------------
 
 
-def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, *, return_suppressors: bool = False
+        ) -> Tensor | tuple[Tensor, Tensor]:
     """Non-maximum suppression, identical to :func:`torchvision.ops.nms`.
 
     Repeatedly keeps the highest-scoring remaining box and discards the remaining boxes whose IoU
@@ -324,16 +262,20 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
             suppresses nothing.
         scores (Tensor[N]): scores, same dtype and device as ``boxes``, no NaN.
         iou_threshold (float): discard boxes with IoU > ``iou_threshold``; finite, ``>= 0``.
+        return_suppressors (bool): also return ``suppressors`` (Tensor[N] int64): for each input
+            box, -1 if it was kept, else the index of the kept box whose selection removed it (the first kept box,
+            in selection order, with IoU > ``iou_threshold``).
 
     Returns:
         Tensor[K] int64: indices of the kept boxes in decreasing order of score. Equal scores are
-        ranked by ascending index (a stable sort), as torchvision does.
+        ranked by ascending index (a stable sort), as torchvision does. With
+        ``return_suppressors``: ``(keep, suppressors)``.
 
     IoUs are computed in the boxes' dtype (float32 for float16/bfloat16) and compared to the
     threshold in float64.
     """
     boxes, scores, iou_threshold = _check_common(boxes, scores, iou_threshold)
-    return _suppress(boxes, scores, scores, iou_threshold, rescore=False)[0]
+    return _output(_suppress(boxes, scores, scores, iou_threshold, False, return_suppressors), with_scores=False)
 
 
 def soft_nms(
@@ -343,7 +285,9 @@ def soft_nms(
     sigma: float = 0.5,
     score_threshold: float = 0.001,
     method: str = "linear",
-) -> tuple[Tensor, Tensor]:
+    *,
+    return_suppressors: bool = False,
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """Soft-NMS (Bodla et al., ICCV 2017): decay the scores of overlapping boxes instead of discarding them.
 
     Repeatedly selects the remaining box with the highest current score (equal scores: the lower
@@ -361,18 +305,23 @@ def soft_nms(
         sigma (float): width of the gaussian decay; ``> 0``.
         score_threshold (float): boxes scoring below it are dropped; finite, ``>= 0``.
         method (str): ``"linear"`` or ``"gaussian"``.
+        return_suppressors (bool): also return ``suppressors`` (Tensor[N] int64): for each input
+            box, -1 if it was kept, else the index of the kept box whose selection removed it (the selected box
+            whose decay brought its score below ``score_threshold``), or -2 if its score was below
+            ``score_threshold`` from the start.
 
     Returns:
         (Tensor[K] int64, Tensor[K]): kept indices in selection order, and ``new_scores[i]``, the
         score of ``keep[i]`` when it was selected (non-increasing, all ``>= score_threshold``),
-        in the dtype of ``scores``.
+        in the dtype of ``scores``. With ``return_suppressors``: ``(keep, new_scores, suppressors)``.
     """
     boxes, scores, iou_threshold = _check_common(boxes, scores, iou_threshold)
     sigma, score_threshold = _check_soft(scores, sigma, score_threshold, method)
-    return _soft(boxes, scores, iou_threshold, sigma, score_threshold, method)
+    return _output(_soft(boxes, scores, iou_threshold, sigma, score_threshold, method, return_suppressors), True)
 
 
-def iou_guided_nms(boxes: Tensor, scores: Tensor, ious: Tensor, iou_threshold: float) -> tuple[Tensor, Tensor]:
+def iou_guided_nms(boxes: Tensor, scores: Tensor, ious: Tensor, iou_threshold: float, *,
+                   return_suppressors: bool = False) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """IoU-guided NMS (IoU-Net, Algorithm 1): rank by localization confidence, keep the cluster's best score.
 
     Repeatedly selects the remaining box with the highest ``ious`` (equal values: the lower index),
@@ -385,17 +334,22 @@ def iou_guided_nms(boxes: Tensor, scores: Tensor, ious: Tensor, iou_threshold: f
         ious (Tensor[N]): localization confidences (predicted IoU with the ground truth), the
             ranking key; same dtype and device as ``boxes``, no NaN.
         iou_threshold (float): discard boxes with IoU > ``iou_threshold``; finite, ``>= 0``.
+        return_suppressors (bool): also return ``suppressors`` (Tensor[N] int64): for each input
+            box, -1 if it was kept, else the index of the kept box whose selection removed it: the kept box
+            whose cluster it joined.
 
     Returns:
         (Tensor[K] int64, Tensor[K]): kept indices in selection order (decreasing ``ious``) and
-        their new scores, in the dtype of ``scores``.
+        their new scores, in the dtype of ``scores``. With ``return_suppressors``:
+        ``(keep, new_scores, suppressors)``.
     """
     boxes, scores, iou_threshold = _check_common(boxes, scores, iou_threshold)
     ious = check_scores("ious", ious, boxes.shape[0], boxes)
-    return _suppress(boxes, ious, scores, iou_threshold, rescore=True)
+    return _output(_suppress(boxes, ious, scores, iou_threshold, True, return_suppressors), with_scores=True)
 
 
-def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float, *,
+                return_suppressors: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """:func:`nms` within each category; identical to :func:`torchvision.ops.batched_nms`.
 
     Args:
@@ -404,16 +358,18 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
         idxs (Tensor[N]): integer category of each box; boxes of different categories never
             suppress each other.
         iou_threshold (float): discard boxes with IoU > ``iou_threshold``; finite, ``>= 0``.
+        return_suppressors (bool): also return the suppressors, as in :func:`nms`.
 
     Returns:
         Tensor[K] int64: indices of the kept boxes in decreasing order of score, equal scores by
-        ascending index.
+        ascending index. With ``return_suppressors``: ``(keep, suppressors)``.
     """
     boxes, scores, iou_threshold = _check_common(boxes, scores, iou_threshold)
     idxs = _check_idxs(idxs, boxes)
     if boxes.shape[0] == 0:
-        return _empty_like(boxes, scores)[0]
-    return _per_class(idxs, lambda m: _suppress(boxes.index_select(0, m), scores[m], scores[m], iou_threshold, rescore=False))[0]
+        return _output(_empty_result(boxes, scores, return_suppressors), with_scores=False)
+    return _output(_per_class(idxs, lambda m: _suppress(
+        boxes.index_select(0, m), scores[m], scores[m], iou_threshold, False, return_suppressors)), with_scores=False)
 
 
 def batched_soft_nms(
@@ -424,11 +380,14 @@ def batched_soft_nms(
     sigma: float = 0.5,
     score_threshold: float = 0.001,
     method: str = "linear",
-) -> tuple[Tensor, Tensor]:
+    *,
+    return_suppressors: bool = False,
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """:func:`soft_nms` within each category.
 
     Args:
-        boxes, scores, iou_threshold, sigma, score_threshold, method: as in :func:`soft_nms`.
+        boxes, scores, iou_threshold, sigma, score_threshold, method, return_suppressors: as in
+            :func:`soft_nms`.
         idxs (Tensor[N]): integer category of each box; boxes of different categories never
             decay each other.
 
@@ -440,17 +399,18 @@ def batched_soft_nms(
     sigma, score_threshold = _check_soft(scores, sigma, score_threshold, method)
     idxs = _check_idxs(idxs, boxes)
     if boxes.shape[0] == 0:
-        return _empty_like(boxes, scores)
-    return _per_class(idxs, lambda m: _soft(boxes.index_select(0, m), scores[m], iou_threshold, sigma, score_threshold, method))
+        return _output(_empty_result(boxes, scores, return_suppressors), with_scores=True)
+    return _output(_per_class(idxs, lambda m: _soft(
+        boxes.index_select(0, m), scores[m], iou_threshold, sigma, score_threshold, method, return_suppressors)), True)
 
 
 def batched_iou_guided_nms(
-    boxes: Tensor, scores: Tensor, ious: Tensor, idxs: Tensor, iou_threshold: float
-) -> tuple[Tensor, Tensor]:
+    boxes: Tensor, scores: Tensor, ious: Tensor, idxs: Tensor, iou_threshold: float, *, return_suppressors: bool = False
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """:func:`iou_guided_nms` within each category.
 
     Args:
-        boxes, scores, ious, iou_threshold: as in :func:`iou_guided_nms`.
+        boxes, scores, ious, iou_threshold, return_suppressors: as in :func:`iou_guided_nms`.
         idxs (Tensor[N]): integer category of each box; boxes of different categories never
             suppress each other.
 
@@ -462,5 +422,6 @@ def batched_iou_guided_nms(
     ious = check_scores("ious", ious, boxes.shape[0], boxes)
     idxs = _check_idxs(idxs, boxes)
     if boxes.shape[0] == 0:
-        return _empty_like(boxes, scores)
-    return _per_class(idxs, lambda m: _suppress(boxes.index_select(0, m), ious[m], scores[m], iou_threshold, rescore=True))
+        return _output(_empty_result(boxes, scores, return_suppressors), with_scores=True)
+    return _output(_per_class(idxs, lambda m: _suppress(
+        boxes.index_select(0, m), ious[m], scores[m], iou_threshold, True, return_suppressors)), with_scores=True)
