@@ -38,6 +38,22 @@ def _results(detections: Detections) -> list[dict]:
     ]
 
 
+def bbox_evaluator(coco_gt: COCO, detections: Detections) -> COCOeval:
+    """A ``COCOeval`` (``iouType="bbox"``) of the detections with default parameters, not yet evaluated.
+
+    Args:
+        coco_gt: ground truth (annotations need ``area`` and ``iscrowd``, as COCOeval requires).
+        detections: COCO results (``bbox`` ``[x, y, w, h]`` pixels, ``score``); may be empty.
+    """
+    results = _results(detections)
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools reports progress on stdout
+        if results:
+            coco_dt = coco_gt.loadRes(results)
+        else:  # loadRes cannot take an empty list (it inspects results[0])
+            coco_dt = coco_from_dict({"images": coco_gt.dataset["images"], "categories": coco_gt.dataset["categories"], "annotations": []})
+        return COCOeval(coco_gt, coco_dt, iouType="bbox")
+
+
 def evaluate_bbox(coco_gt: COCO, detections: Detections, *, iou_thresholds: Sequence[float] | None = None) -> COCOeval:
     """Run ``COCOeval`` (``iouType="bbox"``) on the detections, silently.
 
@@ -50,19 +66,26 @@ def evaluate_bbox(coco_gt: COCO, detections: Detections, *, iou_thresholds: Sequ
         The evaluator after ``evaluate()``, ``accumulate()`` and ``summarize()``: ``eval["precision"]``
         has shape ``(T, R=101, K, A=4, M=3)`` and ``stats`` holds the 12 summary numbers.
     """
-    results = _results(detections)
+    evaluator = bbox_evaluator(coco_gt, detections)
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools reports progress on stdout
-        if results:
-            coco_dt = coco_gt.loadRes(results)
-        else:  # loadRes cannot take an empty list (it inspects results[0])
-            coco_dt = coco_from_dict({"images": coco_gt.dataset["images"], "categories": coco_gt.dataset["categories"], "annotations": []})
-        evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
         if iou_thresholds is not None:
             evaluator.params.iouThrs = np.asarray(iou_thresholds, dtype=np.float64)
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
     return evaluator
+
+
+def threshold_index(iou_thresholds: Sequence[float], iou_threshold: float) -> np.ndarray:
+    """Positions (a 1-element int array) of ``iou_threshold`` in ``iou_thresholds``, compared to 1e-9.
+
+    Raises:
+        ValueError: the threshold is not among them.
+    """
+    t = np.flatnonzero(np.abs(np.asarray(iou_thresholds) - iou_threshold) < 1e-9)
+    if len(t) == 0:
+        raise ValueError(f"IoU threshold {iou_threshold} was not evaluated; params.iouThrs = {list(np.round(iou_thresholds, 4))}")
+    return t
 
 
 def precision_ap(evaluator: COCOeval, iou_threshold: float | None = None, *, area: str = "all", max_dets: int = 100) -> float:
@@ -85,10 +108,7 @@ def precision_ap(evaluator: COCOeval, iou_threshold: float | None = None, *, are
     params = evaluator.params
     precision = evaluator.eval["precision"][:, :, :, params.areaRngLbl.index(area), list(params.maxDets).index(max_dets)]  # (T, R, K)
     if iou_threshold is not None:
-        t = np.flatnonzero(np.abs(np.asarray(params.iouThrs) - iou_threshold) < 1e-9)
-        if len(t) == 0:
-            raise ValueError(f"IoU threshold {iou_threshold} was not evaluated; params.iouThrs = {list(np.round(params.iouThrs, 4))}")
-        precision = precision[t]
+        precision = precision[threshold_index(params.iouThrs, iou_threshold)]
     valid = precision[precision > -1]
     return float(valid.mean()) if valid.size else float("nan")
 
