@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from importlib import resources
 from importlib.resources.abc import Traversable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -97,6 +98,23 @@ def on_device_of(t: Tensor) -> Iterator[int]:
     stream = torch.cuda.current_stream(index)
     with cupy.cuda.Device(index), cupy.cuda.ExternalStream(stream.cuda_stream, index):
         yield index
+
+
+def launch(source: str, function: str, grid: int, block: int, args: Sequence[Tensor | np.generic | None],
+           shared_mem: int = 0) -> None:
+    """Launch ``function`` of ``workbench/kernels/<source>`` as ``grid`` blocks of ``block`` threads.
+
+    ``args`` are the kernel's arguments in order: contiguous CUDA tensors (passed as pointers),
+    ``None`` (a null pointer) or numpy scalars (``np.int64``, ``np.float32``, ...). The kernel is
+    fetched and the tensors converted inside the first tensor's device context, on PyTorch's
+    current stream there. This is the one door to the GPU: ``tests/cuda_host.py`` provides the
+    same call on the CPU, which lets the tests run the real glue through emulated kernels.
+    """
+    first = next(a for a in args if isinstance(a, Tensor))
+    with on_device_of(first) as device:
+        kernel = get_kernel(source, function, device)
+        converted = tuple(as_cupy(a) if isinstance(a, Tensor) else a for a in args)
+        kernel((grid,), (block,), converted, shared_mem=shared_mem)
 
 
 def blocks_for(n: int, threads: int, max_blocks: int = 65535) -> int:

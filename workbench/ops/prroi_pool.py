@@ -167,11 +167,8 @@ def _launch(kernel: str, total: int, tensors: tuple[Tensor, ...], shape: tuple[i
     the output) first, then those sizes, the spatial scale and the item count, in that order.
     """
     suffix, scalar = _KERNEL_DTYPES[tensors[0].dtype]
-    # The kernel object and the CuPy views belong to the tensors' device, not the current one.
-    with _cuda.on_device_of(tensors[0]) as device:
-        function = _cuda.get_kernel("prroi_pool.cu", f"{kernel}_{suffix}", device)
-        args = (*map(_cuda.as_cupy, tensors), *map(np.int32, shape), scalar(spatial_scale), np.int64(total))
-        function((_cuda.blocks_for(total, _THREADS),), (_THREADS,), args)
+    args = (*tensors, *map(np.int32, shape), scalar(spatial_scale), np.int64(total))
+    _cuda.launch("prroi_pool.cu", f"{kernel}_{suffix}", _cuda.blocks_for(total, _THREADS), _THREADS, args)
 
 
 class _PrRoIPoolCUDA(torch.autograd.Function):
