@@ -66,8 +66,10 @@ def test_early_stop_when_the_score_stops_changing():
 
 def test_degeneration_stops_the_box_at_the_step_that_drops_the_score():
     # score = -(x1 - 5)^2 / 100 at x1 = 10: score -0.25, gradient -0.1 on x1, w = 10. With
-    # λ = 20 the step is 20 * 10 * (-0.1) = -20, so x1 = -10 and the score -(-15)^2 / 100 = -2.25:
-    # a drop of 2.0 < Ω2. The box must stop at step 1 (DEGENERATED), the step itself kept.
+    # λ = 20 the step is 20 * 10 * (-0.1) = -20, so x1 = -10 < x0 = 0: an inverted box, which the
+    # step widens to MIN_BOX_SIZE = 1 about its centre -5: x = [-5.5, -4.5], score
+    # -(-4.5 - 5)^2 / 100 = -0.9025, a drop of 0.6525 < Ω2. The box must stop at step 1
+    # (DEGENERATED), the (valid) step itself kept.
     boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0]], dtype=torch.float64)
 
     def score(b):
@@ -75,8 +77,8 @@ def test_degeneration_stops_the_box_at_the_step_that_drops_the_score():
 
     result = optimize_boxes(score, boxes, iterations=5, step_size=20)
     assert result.stop_reason[0] == DEGENERATED and result.stop_step[0] == 1
-    assert result.boxes[0, 2].item() == pytest.approx(-10.0)
-    assert result.predicted[1, 0].item() == pytest.approx(-2.25)
+    assert result.boxes[0].tolist() == pytest.approx([-5.5, 0.0, -4.5, 10.0])
+    assert result.predicted[1, 0].item() == pytest.approx(-0.9025)
     assert (result.trajectory[1:] == result.trajectory[1]).all()
     # Never a step that lowers the score by more than |Ω2| with the box still running afterwards.
     drops = result.predicted[1:] - result.predicted[:-1]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,7 +121,14 @@ class TrainConfig:
         need(self.log_interval >= 1, "log_interval", f"must be >= 1, got {self.log_interval}")
         need(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
         need(self.device in ("auto", "cpu", "cuda"), "device", f"expected 'auto', 'cpu' or 'cuda', got {self.device!r}")
-        need(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+        need(m.min_size >= 1, "model.min_size", f"must be >= 1 (pixels), got {m.min_size}")
+        need(m.max_size >= m.min_size, "model.max_size", f"must be >= model.min_size={m.min_size} (pixels), got {m.max_size}")
+        need(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32) (NumPy's seed range), got {self.seed}")
+        # NaN compares false with everything, so each check below also rejects it.
+        need(0 < o.lr < math.inf, "optim.lr", f"must be a finite number > 0, got {o.lr}")
+        need(0 <= o.momentum < 1, "optim.momentum", f"must be in [0, 1), got {o.momentum}")
+        need(0 <= o.weight_decay < math.inf, "optim.weight_decay", f"must be a finite number >= 0, got {o.weight_decay}")
+        need(0 < o.gamma < math.inf, "optim.gamma", f"must be a finite number > 0, got {o.gamma}")
         need(o.lr_batch >= 0, "optim.lr_batch", f"must be >= 0, got {o.lr_batch}")
         need(0 <= o.warmup_iters <= self.iterations, "optim.warmup_iters",
              f"must be in [0, iterations={self.iterations}], got {o.warmup_iters}")
@@ -237,7 +245,14 @@ def get_config(preset: str, kind: str = "detector", overrides: typing.Sequence[s
     if preset in PRESETS:
         cfg = PRESETS[preset](kind)
     elif preset.endswith(".json") and Path(preset).is_file():
-        cfg = TrainConfig.from_dict(json.loads(Path(preset).read_text()))
+        try:
+            data = json.loads(Path(preset).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{preset}: not a valid JSON config file ({e})") from None
+        try:
+            cfg = TrainConfig.from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f"{preset}: {e}") from None
     else:
         raise ConfigError(f"unknown config {preset!r}: expected one of {sorted(PRESETS)} or a config.json path")
     if iterations is not None:

@@ -24,9 +24,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torchvision.ops import box_convert
 from tqdm import tqdm
 
 from . import distributed
+from .data.validate import validate_results
 from .models import extract_features, raw_detections, regress_boxes, to_coco_results
 from .ops.boxes import matched_iou, pairwise_iou
 from .postprocess import METHODS, suppress
@@ -104,7 +106,8 @@ def _refine_steps(model: nn.Module, feats, det: dict[str, Tensor], s: PipelineSe
     """Algorithm 2 on the ``refine_top`` highest-scored boxes of ``det``; returns the Refinement."""
     top = {k: v[: s.refine_top] for k, v in det.items()}
     return top, optimize_boxes(_iou_scorer(model, feats, top["labels"]), top["boxes"], s.refine_iterations,
-                               s.refine_step_size, s.refine_early_stop, s.refine_degeneration)
+                               s.refine_step_size, s.refine_early_stop, s.refine_degeneration,
+                               image_size=feats.original_sizes[0])
 
 
 def _with_boxes(det: dict[str, Tensor], boxes: Tensor) -> dict[str, Tensor]:
@@ -276,21 +279,17 @@ def _no_detections() -> dict[str, Tensor]:
 
 def _external_by_image(results: Sequence[dict], dataset) -> dict[int, dict[str, Tensor]]:
     """Another detector's COCO results grouped per image, as raw detections (highest score first)."""
+    validate_results(results, "external_detections", set(dataset.image_ids), set(dataset.cat_id_to_label))
     grouped: dict[int, list[dict]] = defaultdict(list)
-    for k, r in enumerate(results):
-        missing = {"image_id", "category_id", "bbox", "score"} - set(r)
-        if missing:
-            raise ValueError(f"external_detections[{k}] lacks {sorted(missing)} (COCO results format)")
-        if r["category_id"] not in dataset.cat_id_to_label:
-            raise ValueError(f"external_detections[{k}]: category_id {r['category_id']} is not a category of the dataset")
-        grouped[int(r["image_id"])].append(r)
+    for r in results:
+        grouped[r["image_id"]].append(r)
     out = {}
     for image_id, rows in grouped.items():
         xywh = torch.tensor([r["bbox"] for r in rows], dtype=torch.float32)
         scores = torch.tensor([r["score"] for r in rows], dtype=torch.float32)
         order = scores.argsort(descending=True, stable=True)
         out[image_id] = {
-            "boxes": torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)[order],
+            "boxes": box_convert(xywh, "xywh", "xyxy")[order],
             "scores": scores[order],
             "labels": torch.tensor([dataset.cat_id_to_label[r["category_id"]] for r in rows])[order],
         }

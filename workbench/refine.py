@@ -18,6 +18,10 @@ from torch import Tensor
 
 from .ops._checks import check_boxes
 
+# Smallest width and height (pixels) a refinement step may leave a box with: a box that shrinks to
+# nothing pools to zero features and its step scale (its size) to zero, so it could never recover.
+MIN_BOX_SIZE = 1.0
+
 # Stop reasons recorded per box, in the order Algorithm 2 tests them.
 RUNNING, CONVERGED, DEGENERATED = 0, 1, 2
 STOP_REASONS = {RUNNING: "T (ran every iteration)", CONVERGED: "Ω1 (converged)", DEGENERATED: "Ω2 (degenerated)"}
@@ -34,7 +38,7 @@ class Refinement:
             stopped box repeats its final coordinates.
         predicted (Tensor[T + 1, K]): predicted IoU of ``trajectory``.
         gradients (Tensor[T, K, 4]): the scaled gradient ``scale(grad, b)`` applied at each step
-            (zero once a box has stopped).
+            (zero once a box has stopped), before :func:`valid_boxes` keeps the box valid.
         stop_step (Tensor[K] int64): number of steps the box took (``T`` if it never stopped).
         stop_reason (Tensor[K] int64): ``RUNNING`` (ran all ``T`` steps), ``CONVERGED`` (Ω1) or
             ``DEGENERATED`` (Ω2); see ``STOP_REASONS``.
@@ -50,6 +54,8 @@ class Refinement:
 
 
 def _score_and_gradient(score_fn: Callable[[Tensor], Tensor], boxes: Tensor) -> tuple[Tensor, Tensor]:
+    if len(boxes) == 0:  # an image without detections: nothing to score, and no graph to differentiate
+        return boxes.new_zeros(0), torch.zeros_like(boxes)
     with torch.enable_grad():
         b = boxes.detach().requires_grad_(True)
         scores = score_fn(b)
@@ -58,6 +64,27 @@ def _score_and_gradient(score_fn: Callable[[Tensor], Tensor], boxes: Tensor) -> 
         # Boxes are scored independently, so the gradient of the sum is each box's own gradient.
         (grad,) = torch.autograd.grad(scores.sum(), b)
     return scores.detach(), grad
+
+
+def valid_boxes(boxes: Tensor, image_size: tuple[int, int] | None = None, min_size: float = MIN_BOX_SIZE) -> Tensor:
+    """The nearest boxes that are at least ``min_size`` wide and high and, given ``image_size``
+    ``(height, width)``, inside the image: what a refinement step may produce.
+
+    A box narrower than ``min_size`` (or inverted) is widened to ``min_size`` about its centre; then
+    it is clipped to the image, keeping ``min_size``. Boxes ``Tensor[K, 4]`` ``(x0, y0, x1, y1)``.
+    """
+    out = []
+    for axis, size in ((0, image_size[1] if image_size else None), (1, image_size[0] if image_size else None)):
+        lo, hi = boxes[:, axis], boxes[:, axis + 2]
+        centre, narrow = (lo + hi) / 2, hi - lo < min_size
+        lo = torch.where(narrow, centre - min_size / 2, lo)
+        hi = torch.where(narrow, centre + min_size / 2, hi)
+        if size is not None:
+            lo = lo.clamp(0, size - min_size)
+            hi = torch.maximum(hi.clamp(max=size), lo + min_size)
+        out.append((lo, hi))
+    (x0, x1), (y0, y1) = out
+    return torch.stack([x0, y0, x1, y1], dim=1)
 
 
 def box_size_scale(boxes: Tensor) -> Tensor:
@@ -74,6 +101,7 @@ def optimize_boxes(
     step_size: float = 0.5,
     early_stop: float = 0.001,
     degeneration: float = -0.01,
+    image_size: tuple[int, int] | None = None,
 ) -> Refinement:
     """Optimization-based bounding-box refinement (Algorithm 2), batched over boxes.
 
@@ -88,6 +116,9 @@ def optimize_boxes(
         early_stop: ``Ω1 > 0``: a box stops once ``|new - prev| < Ω1`` (paper: 0.001).
         degeneration: ``Ω2 < 0``: a box stops once ``new - prev < Ω2`` (paper: -0.01). As in
             Algorithm 2 the degrading step itself is kept; the box takes no further step.
+        image_size: ``(height, width)`` of the image, in the boxes' coordinates: every step's boxes
+            are clipped to it. Whether given or not, a step never leaves a box smaller than
+            ``MIN_BOX_SIZE`` (see :func:`valid_boxes`), so ``score_fn`` always sees valid boxes.
 
     Returns:
         Refinement: final boxes and scores plus the full per-step record.
@@ -113,7 +144,7 @@ def optimize_boxes(
     predicted.append(prev)
     for step in range(1, iterations + 1):
         update = step_size * box_size_scale(boxes) * grad * active[:, None]
-        boxes = boxes + update
+        boxes = torch.where(active[:, None], valid_boxes(boxes + update, image_size), boxes)
         # The new score and its gradient come from one forward/backward: the gradient is the
         # next step's, so each step costs one evaluation.
         new, grad = _score_and_gradient(score_fn, boxes)

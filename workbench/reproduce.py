@@ -5,18 +5,27 @@ and table next to the paper's numbers.
     torchrun --nproc_per_node=8 -m workbench reproduce --config coco --set data.options.ann_file=...
 
 Stages, each cached: (1) the detector, the standalone IoU-Net on its frozen backbone and the joint
-model are trained, or reused when a finished checkpoint with the same config fingerprint exists;
-(2) the pipeline (``workbench.pipeline``) runs over the validation split, cached under
-``cache/pipeline/`` by the checkpoints' fingerprints and the settings; (3) the analyses write
+model are trained, or reused when a finished checkpoint with the same config and data fingerprint
+exists; (2) the pipeline (``workbench.pipeline``) runs over the validation split, cached under
+``cache/pipeline/`` by the checkpoints' fingerprints, the settings and the content of the validation
+files; (3) the analyses write
 ``reports/<dataset>/``: figures (PNG and SVG), tables (CSV and Markdown), ``trajectories.npz``
 and ``report.md``.
+
+Data count by content (:func:`workbench.files.content_fingerprint`): editing an annotation file or
+replacing an image trains and evaluates again. Each run folder, cache file and report folder is
+locked while it is written (:func:`workbench.files.locked`), so two runs in one folder do not train
+the same model twice: the second waits, then reuses. ``--detections`` is read and checked before
+anything is trained.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +35,12 @@ import torch
 from matplotlib.figure import Figure
 
 from . import analysis, distributed
+from .analysis import narrative
 from .analysis import paper_numbers as paper
+from .analysis.experiments import FIG3_SETS, FIG7_SETS, TABLE1_ROWS, TABLE3_ROWS, refinement_runs, select, table2_rows
 from .config import TrainConfig, apply_overrides, get_config
+from .data.validate import load_results
+from .files import atomic_write, locked, sha256_file
 from .pipeline import PipelineOutput, PipelineSettings, run_pipeline
 from .train import build_dataset, build_model, load_checkpoint, train
 
@@ -50,22 +63,77 @@ class ReproduceOptions:
 # Stage 1: training, reused when cached.
 
 
+def data_fingerprint(cfg: TrainConfig, hash_cache: str | os.PathLike | None = None) -> str:
+    """What ``cfg``'s data split is, by content: its annotation file and every image file it lists
+    (see :meth:`~workbench.data.CocoDetection.fingerprint`); ``""`` for a custom dataset without one."""
+    fingerprint = getattr(build_dataset(cfg), "fingerprint", None)
+    return fingerprint(hash_cache) if callable(fingerprint) else ""
+
+
 def _config(opts: ReproduceOptions, kind: str, extra: list[str] = ()) -> TrainConfig:
     cfg = get_config(opts.preset, kind, [*opts.overrides, *extra], iterations=opts.iterations.get(kind))
-    cfg.out_dir = str(Path(opts.runs_dir) / f"{opts.preset}-{kind}-{cfg.fingerprint()}")
+    # The run folder names the config and the data's content, so changed data trains a new model.
+    data = data_fingerprint(cfg, _hash_cache(opts))
+    key = hashlib.sha256(f"{cfg.fingerprint()}/{data}".encode()).hexdigest()[:16]
+    cfg.out_dir = str(Path(opts.runs_dir) / f"{opts.preset}-{kind}-{key}")
     return cfg
+
+
+def _hash_cache(opts: ReproduceOptions) -> Path:
+    return Path(opts.cache_dir) / "file-hashes.json"
+
+
+def _is_main_process() -> bool:
+    # Only one process of a torchrun group takes locks: the others follow it through collectives.
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _lock(path: Path, what: str):
+    return locked(path.with_name(path.name + ".lock"), what) if _is_main_process() else contextlib.nullcontext()
 
 
 def trained(cfg: TrainConfig) -> Path:
     """The final checkpoint of ``cfg``: reused when finished with the same fingerprint, resumed when
-    interrupted, trained otherwise."""
+    interrupted, trained otherwise. The run folder is locked meanwhile, so a second process asking
+    for the same run waits for this one and then reuses its checkpoint.
+
+    Raises:
+        ValueError: naming the checkpoint when it exists but cannot be read (see :func:`load_checkpoint`).
+    """
     ckpt = Path(cfg.out_dir) / "ckpt.pt"
-    if ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
-        if state["fingerprint"] == cfg.fingerprint() and state["iteration"] >= cfg.iterations:
-            print(f"reusing {ckpt} ({cfg.model.kind}, {state['iteration']} iterations)")
+    with _lock(Path(cfg.out_dir), f"training {cfg.model.kind} into {cfg.out_dir}"):
+        if is_trained(cfg):
+            print(f"reusing {ckpt} ({cfg.model.kind}, {cfg.iterations} iterations)")
             return ckpt
-    return train(cfg, resume=True)
+        return train(cfg, resume=True)
+
+
+def is_trained(cfg: TrainConfig) -> bool:
+    """Whether ``cfg``'s run is finished: ``<out_dir>/ckpt.pt`` exists, has ``cfg``'s fingerprint and
+    all its iterations (what :func:`trained` reuses)."""
+    ckpt = Path(cfg.out_dir) / "ckpt.pt"
+    if not ckpt.exists():
+        return False
+    state = load_checkpoint(ckpt, mmap=True)
+    return state["fingerprint"] == cfg.fingerprint() and state["iteration"] >= cfg.iterations
+
+
+@dataclass(frozen=True)
+class Stages:
+    """The runs :func:`reproduce` trains and the split it evaluates on."""
+
+    train: dict[str, TrainConfig]  # model kind ("detector", "iou", "joint") -> config; out_dir is the run folder
+    val: TrainConfig  # the detector's config on the evaluated split (``build_dataset(stages.val)``)
+
+
+def stages(opts: ReproduceOptions) -> Stages:
+    """The training configs of ``reproduce(opts)``, in training order, and its validation config."""
+    det = _config(opts, "detector")
+    # The IoU-Net starts from the detector's final checkpoint, which trained() leaves at <out_dir>/ckpt.pt.
+    configs = {"detector": det, "iou": _config(opts, "iou", [f"model.detector_checkpoint={Path(det.out_dir) / 'ckpt.pt'}"])}
+    if opts.joint:
+        configs["joint"] = _config(opts, "joint")
+    return Stages(train=configs, val=apply_overrides(det, ["data.split=val", *opts.val_overrides]))
 
 
 def load_model(ckpt_path: Path, device: torch.device) -> torch.nn.Module:
@@ -81,25 +149,91 @@ def load_model(ckpt_path: Path, device: torch.device) -> torch.nn.Module:
 # Stage 2: the pipeline, cached by what determines its output.
 
 
-def _pipeline_key(checkpoints: list[Path], settings: PipelineSettings, data: dict, external: str) -> str:
-    parts = [torch.load(c, map_location="cpu", weights_only=True, mmap=True)["fingerprint"] for c in checkpoints]
+def _pipeline_key(checkpoints: list[Path], settings: PipelineSettings, data: dict, external: str,
+                  val_fingerprint: str = "") -> str:
+    # A checkpoint's folder name holds its data fingerprint, its own fingerprint the config.
+    parts = [[c.parent.name, load_checkpoint(c, mmap=True)["fingerprint"]] for c in checkpoints]
     if external:
-        parts.append(hashlib.sha256(Path(external).read_bytes()).hexdigest())
-    blob = json.dumps([parts, settings.as_dict(), data], sort_keys=True, default=str)
+        parts.append(sha256_file(external))
+    blob = json.dumps([parts, settings.as_dict(), data, val_fingerprint], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _cached_pipeline(path: Path, compute) -> PipelineOutput | None:
-    if path.exists():
-        print(f"reusing pipeline output {path}")
-        return torch.load(path, weights_only=False)
-    out = compute()
-    if out is not None:  # rank 0
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(out, tmp)
-        os.replace(tmp, path)
-    return out
+    """The pipeline output cached at ``path``, computed (under the file's lock) when missing or unreadable."""
+    with _lock(path, f"running the pipeline into {path}"):
+        if path.exists():
+            try:
+                out = torch.load(path, weights_only=False)
+                print(f"reusing pipeline output {path}")
+                return out
+            except Exception as e:  # a damaged cache costs a recomputation, never a wrong report
+                print(f"{path}: cached pipeline output cannot be read ({type(e).__name__}: {e}); recomputing it",
+                      file=sys.stderr)
+        out = compute()
+        if out is not None:  # rank 0
+            with atomic_write(path) as f:
+                torch.save(out, f)
+        return out
+
+
+def validation_set(opts: ReproduceOptions):
+    """The evaluated split of ``reproduce(opts)`` (a :class:`~workbench.data.CocoDetection`: ``.coco``,
+    ``.ann_file``, ``.img_dir``)."""
+    return build_dataset(stages(opts).val)
+
+
+def _cache_path(opts: ReproduceOptions, plan: Stages, val) -> Path:
+    checkpoints = [Path(cfg.out_dir) / "ckpt.pt" for cfg in plan.train.values()]
+    key = _pipeline_key(checkpoints, opts.settings, plan.val.to_dict()["data"], opts.external_detections,
+                        val.fingerprint(_hash_cache(opts)) if hasattr(val, "fingerprint") else "")
+    return Path(opts.cache_dir) / f"{opts.preset}-{key}.pt"
+
+
+def pipeline_cache_path(opts: ReproduceOptions) -> Path | None:
+    """Where ``reproduce(opts)`` caches its :class:`PipelineOutput`, or ``None`` while a model is untrained.
+
+    Paths in ``opts`` are relative to the working directory, as for :func:`reproduce`."""
+    plan = stages(opts)
+    if not all(is_trained(cfg) for cfg in plan.train.values()):
+        return None
+    return _cache_path(opts, plan, build_dataset(plan.val))
+
+
+def pipeline_output(opts: ReproduceOptions, ctx: distributed.DistContext | None = None) -> PipelineOutput | None:
+    """Stages 1 and 2 of ``reproduce(opts)``: the pipeline's output, from its cache when there, else
+    training what is not trained yet and running the pipeline (then cached).
+
+    Args:
+        ctx: the process group (:func:`workbench.distributed.setup`); default: set up here.
+
+    Returns:
+        The output on rank 0, ``None`` on the other ranks of a torchrun group.
+    """
+    return _run(opts, ctx if ctx is not None else distributed.setup("auto"))[0]
+
+
+def _run(opts: ReproduceOptions, ctx: distributed.DistContext):
+    """Stages 1 and 2: ``(pipeline output or None off rank 0, the evaluated dataset)``."""
+    plan = stages(opts)
+    # Inputs first: bad data or a bad --detections file fail now, not after hours of training.
+    with distributed.main_first(ctx):
+        val = build_dataset(plan.val)
+    external = None
+    if opts.external_detections:
+        external = load_results(opts.external_detections, set(val.image_ids), set(val.cat_id_to_label))
+
+    # With another detector's boxes ours is still trained: the IoU-Net starts from its backbone.
+    ckpt = {kind: trained(cfg) for kind, cfg in plan.train.items()}
+    device = ctx.device
+
+    def compute() -> PipelineOutput | None:
+        detector = None if opts.external_detections else load_model(ckpt["detector"], device)
+        return run_pipeline(val, detector, load_model(ckpt["iou"], device), opts.settings,
+                            joint=load_model(ckpt["joint"], device) if "joint" in ckpt else None,
+                            external_detections=external, device=device)
+
+    return _cached_pipeline(_cache_path(opts, plan, val), compute), val
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,15 +259,10 @@ def _ap_table(rows: dict[str, list[dict]], coco_gt, paper_rows: dict, out: Path,
     return table, markdown
 
 
-def _holds(flag: bool) -> str:
-    return "**holds here**" if flag else "**does not hold here**"
-
-
 def write_report(output: PipelineOutput, coco_gt, out: Path, title: str, device: str) -> dict:
     """Every figure and table of the paper from ``output``; returns the headline numbers."""
     out.mkdir(parents=True, exist_ok=True)
     s = output.sets
-    T = max(int(k.split("/")[1]) for k in s if k.startswith("iou-nms+refine/"))
     lines = [f"# IoU-Net reproduction: {title}", "",
              f"{len(output.image_ids)} validation images; every number below is ours unless marked *paper* "
              "(MS-COCO minival, ResNet-50 FPN). AP is COCO AP@[.5:.95]; APxx from COCOeval's precision array.", ""]
@@ -148,64 +277,44 @@ def write_report(output: PipelineOutput, coco_gt, out: Path, title: str, device:
               f"Pearson r with the true IoU, detections with IoU > 0.5 before NMS ({len(corr.matched)} boxes): "
               f"classification score {corr.r_score:.3f} (*paper* {paper.FIG2_PEARSON['classification']}), "
               f"predicted IoU {corr.r_iou_pred:.3f} (*paper* {paper.FIG2_PEARSON['iou_pred']}). "
-              f"The claim that the predicted IoU tracks localization better than the classification score "
-              f"{_holds(corr.r_iou_pred > corr.r_score)}.", ""]
+              + narrative.fig2_claims(corr), ""]
 
     # Fig. 3: positives per IoU bin.
-    positives = analysis.positives_per_iou_bin({"No-NMS": s["raw"], "NMS": s["nms"], "IoU-NMS": s["iou-nms"]}, coco_gt)
+    positives = analysis.positives_per_iou_bin(select(s, FIG3_SETS), coco_gt)
     _save_figure(analysis.plot_positives_per_iou_bin(positives), out, "fig3_positives_per_iou")
     _save_table(positives, out, "fig3_positives_per_iou", positives.to_markdown())
-    high = positives.index[-1]
     lines += ["## Fig. 3: positive boxes after NMS, by IoU with the ground truth", "",
-              "![](fig3_positives_per_iou.png)", "", positives.to_markdown(), "",
-              f"The claim that IoU-guided NMS keeps more well-localized positives than NMS (bin {high}) "
-              f"{_holds(positives.loc[high, 'IoU-NMS'] > positives.loc[high, 'NMS'])}.", ""]
+              "![](fig3_positives_per_iou.png)", "", positives.to_markdown(), "", narrative.fig3_claims(positives), ""]
 
     # Fig. 7: recall vs IoU threshold.
-    recall = analysis.recall_vs_iou({"No-NMS": s["raw"], "NMS": s["nms"], "Soft-NMS": s["soft-nms"],
-                                     "IoU-NMS": s["iou-nms"]}, coco_gt)
+    recall = analysis.recall_vs_iou(select(s, FIG7_SETS), coco_gt)
     _save_figure(analysis.plot_recall_vs_iou(recall), out, "fig7_recall_vs_iou")
     _save_table(recall, out, "fig7_recall_vs_iou", recall.to_markdown(floatfmt=".3f"))
-    r09 = recall.loc[recall.index[abs(recall.index - 0.9) < 1e-9][0]]
+    r09 = analysis.recall_at(recall, 0.9)
     numbers["recall_at_0.9"] = r09.to_dict()
     lines += ["## Fig. 7: recall vs matching IoU threshold", "", "![](fig7_recall_vs_iou.png)", "",
               recall.to_markdown(floatfmt=".3f"), "",
               f"Recall at IoU 0.9: No-NMS {r09['No-NMS']:.3f}, NMS {r09['NMS']:.3f}, IoU-NMS {r09['IoU-NMS']:.3f} "
               f"(*paper* {paper.FIG7_RECALL_AT_09['No-NMS']}, {paper.FIG7_RECALL_AT_09['NMS']}, "
-              f"{paper.FIG7_RECALL_AT_09['IoU-NMS']}). IoU-NMS recalling more than NMS at 0.9 "
-              f"{_holds(r09['IoU-NMS'] > r09['NMS'])}.", ""]
+              f"{paper.FIG7_RECALL_AT_09['IoU-NMS']}). " + narrative.fig7_claims(recall), ""]
 
     # Table 1: NMS variants.
-    t1, md1 = _ap_table({"FPN": s["nms"], "FPN + Soft-NMS": s["soft-nms"], "FPN + IoU-NMS": s["iou-nms"]}, coco_gt,
-                        paper.TABLE1_NMS, out, "table1_nms")
+    t1, md1 = _ap_table(select(s, TABLE1_ROWS), coco_gt, paper.TABLE1_NMS, out, "table1_nms")
     numbers["table1"] = t1.to_dict("index")
-    lines += ["## Table 1: NMS, Soft-NMS and IoU-guided NMS", "", md1, "",
-              f"IoU-NMS improving AP90 over NMS {_holds(t1.loc['FPN + IoU-NMS', 'AP90'] > t1.loc['FPN', 'AP90'])}; "
-              f"improving AP {_holds(t1.loc['FPN + IoU-NMS', 'AP'] > t1.loc['FPN', 'AP'])}.", ""]
+    lines += ["## Table 1: NMS, Soft-NMS and IoU-guided NMS", "", md1, "", narrative.table1_claims(t1), ""]
 
     # Table 2: refinement.
-    t2, md2 = _ap_table({"FPN": s["nms"], "FPN + Refinement": s[f"nms+refine/{T}"]}, coco_gt,
-                        paper.TABLE2_REFINEMENT, out, "table2_refinement")
+    t2, md2 = _ap_table(select(s, table2_rows(s)), coco_gt, paper.TABLE2_REFINEMENT, out, "table2_refinement")
     numbers["table2"] = t2.to_dict("index")
-    lines += ["## Table 2: optimization-based refinement", "", md2, "",
-              f"Refinement improving AP {_holds(t2.loc['FPN + Refinement', 'AP'] > t2.loc['FPN', 'AP'])}; "
-              f"improving AP90 {_holds(t2.loc['FPN + Refinement', 'AP90'] > t2.loc['FPN', 'AP90'])}.", ""]
+    lines += ["## Table 2: optimization-based refinement", "", md2, "", narrative.table2_claims(t2), ""]
 
     # Fig. 4: AP per iteration.
-    runs = {"optimization (IoU-Net)": [s[f"nms+refine/{t}"] for t in range(T + 1)]}
-    if any(k.startswith("nms+regress/") for k in s):
-        R = max(int(k.split("/")[1]) for k in s if k.startswith("nms+regress/"))
-        runs["iterative regression"] = [s[f"nms+regress/{t}"] for t in range(R + 1)]
-    per_iter = analysis.ap_per_iteration(runs, coco_gt)
+    per_iter = analysis.ap_per_iteration(refinement_runs(output), coco_gt)
     _save_figure(analysis.plot_ap_per_iteration(per_iter, metrics=("AP", "AP90")), out, "fig4_ap_per_iteration")
     mono = analysis.monotonicity(per_iter)
     _save_table(per_iter, out, "fig4_ap_per_iteration", per_iter.to_markdown(floatfmt=".4f"))
     lines += ["## Fig. 4: AP per refinement iteration", "", "![](fig4_ap_per_iteration.png)", "",
-              mono.to_markdown(floatfmt=".4f"), "",
-              "The paper's claim: iterative regression is non-monotonic, optimization-based refinement "
-              f"monotonic. Optimization monotonic here: {_holds(bool(mono.loc['optimization (IoU-Net)', 'monotonic']))}"
-              + (f"; regression non-monotonic here: {_holds(not bool(mono.loc['iterative regression', 'monotonic']))}."
-                 if "iterative regression" in mono.index else "."), ""]
+              mono.to_markdown(floatfmt=".4f"), "", narrative.fig4_claims(mono), ""]
 
     # Fig. 6: the three poolings on one bin.
     pooling = analysis.compare_pooling(*analysis.example_feature_map())
@@ -214,25 +323,20 @@ def write_report(output: PipelineOutput, coco_gt, out: Path, title: str, device:
 
     # Table 3: joint training.
     if "joint/nms" in s:
-        t3, md3 = _ap_table({"ResNet-50 FPN": s["nms"], "ResNet-50 IoU-Net": s["joint/nms"],
-                             "ResNet-50 IoU-Net + IoU-NMS": s["joint/iou-nms"],
-                             "ResNet-50 IoU-Net + IoU-NMS + Refine": s["joint/iou-nms+refine"]}, coco_gt,
-                            paper.TABLE3_JOINT, out, "table3_joint")
+        t3, md3 = _ap_table(select(s, TABLE3_ROWS), coco_gt, paper.TABLE3_JOINT, out, "table3_joint")
         numbers["table3"] = t3.to_dict("index")
         lines += ["## Table 3: joint training", "",
                   "Row names follow the paper's; here the backbone is the preset's (MobileNetV2-FPN on the "
-                  "embedded data).", "", md3, "",
-                  f"Joint training improving AP over the detector alone "
-                  f"{_holds(t3.loc['ResNet-50 IoU-Net', 'AP'] > t3.loc['ResNet-50 FPN', 'AP'])}; IoU-NMS + refine "
-                  f"improving it further {_holds(t3.loc['ResNet-50 IoU-Net + IoU-NMS + Refine', 'AP'] > t3.loc['ResNet-50 IoU-Net', 'AP'])}.", ""]
+                  "embedded data).", "", md3, "", narrative.table3_claims(t3), ""]
 
     # Table 4: time per image.
-    stages = {stage: sum(v) / len(v) for stage, v in output.seconds.items()}
-    t4 = analysis.timing_table(stages)
+    t4 = analysis.timing_table(analysis.mean_seconds(output))
     _save_table(t4, out, "table4_timing", t4.to_markdown(floatfmt=".4f"))
+    speed = analysis.speed_comparison(output)
     lines += [f"## Table 4: time per image on {device}", "", t4.to_markdown(floatfmt=".4f"), "",
               f"*paper* (Titan X GPU, ResNet-50 FPN, 800 px): FPN {paper.TABLE4_SECONDS_PER_IMAGE['FPN']} s, "
-              f"IoU-Net {paper.TABLE4_SECONDS_PER_IMAGE['IoU-Net']} s per image.", ""]
+              f"IoU-Net {paper.TABLE4_SECONDS_PER_IMAGE['IoU-Net']} s per image.", "",
+              speed.to_markdown(floatfmt=".3f"), "", narrative.table4_claims(speed), ""]
 
     if output.trajectories is not None:
         output.trajectories.save(out / "trajectories.npz")
@@ -250,32 +354,14 @@ def reproduce(opts: ReproduceOptions) -> Path | None:
     ctx = distributed.setup("auto")
     out = Path(opts.out_dir or f"reports/{opts.preset}")
 
-    # With another detector's boxes ours is still trained: the IoU-Net starts from its backbone.
-    det_cfg = _config(opts, "detector")
-    det_ckpt = trained(det_cfg)
-    iou_ckpt = trained(_config(opts, "iou", [f"model.detector_checkpoint={det_ckpt}"]))
-    joint_ckpt = trained(_config(opts, "joint")) if opts.joint else None
-
-    device = ctx.device
-    val_cfg = apply_overrides(det_cfg, ["data.split=val", *opts.val_overrides])
-    with distributed.main_first(ctx):
-        val = build_dataset(val_cfg)
-    checkpoints = [c for c in (det_ckpt, iou_ckpt, joint_ckpt) if c is not None]
-    key = _pipeline_key(checkpoints, opts.settings, val_cfg.to_dict()["data"], opts.external_detections)
-
-    def compute() -> PipelineOutput | None:
-        detector = None if opts.external_detections else load_model(det_ckpt, device)
-        external = json.loads(Path(opts.external_detections).read_text()) if opts.external_detections else None
-        return run_pipeline(val, detector, load_model(iou_ckpt, device), opts.settings,
-                            joint=load_model(joint_ckpt, device) if joint_ckpt else None,
-                            external_detections=external, device=device)
-
-    output = _cached_pipeline(Path(opts.cache_dir) / f"{opts.preset}-{key}.pt", compute)
+    output, val = _run(opts, ctx)
     if not ctx.is_main:
         distributed.teardown(ctx)
         return None
+    device = ctx.device
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    numbers = write_report(output, val.coco, out, opts.preset, device_name)
+    with _lock(out, f"writing the report {out}"):
+        numbers = write_report(output, val.coco, out, opts.preset, device_name)
     elapsed = time.perf_counter() - start
     print(f"wrote {out}/report.md in {elapsed:.0f} s")
     print(json.dumps({k: v for k, v in numbers.items() if not k.startswith("table")}, indent=1, default=float))

@@ -31,7 +31,6 @@ import json
 import os
 import random
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -48,6 +47,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .config import OPERATIONAL_KEYS, ConfigError, OptimConfig, TrainConfig
+from .files import atomic_write, stale_temporaries
 
 CHECKPOINT = "ckpt.pt"  # file names inside out_dir
 LOG = "log.jsonl"
@@ -185,37 +185,28 @@ def _batches(loader: DataLoader, ctx: distributed.DistContext, seed: int, start_
 # Checkpoints: atomic writes, RNG states, loading.
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """``write(file)`` into a temporary file beside ``path``, fsync, then ``os.replace``: readers (and a
-    run killed mid-write) see the old file or the new one, never a partial one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable (not on every filesystem)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """``torch.save(state)`` to ``path`` atomically (see :func:`_atomic_write`)."""
-    _atomic_write(Path(path), lambda f: torch.save(state, f))
+    """``torch.save(state)`` to ``path`` atomically (see :func:`workbench.files.atomic_write`)."""
+    with atomic_write(path) as f:
+        torch.save(state, f)
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A checkpoint written by :func:`train`, on the CPU (plain tensors and containers: ``weights_only``)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
+    """A checkpoint written by :func:`train`, on the CPU (plain tensors and containers: ``weights_only``).
+
+    ``mmap=True`` maps the tensors instead of reading them (cheap when only the metadata is needed).
+
+    Raises:
+        ValueError: naming ``path`` when it cannot be read (e.g. truncated by a full disk or a copy
+            cut short) or is not a checkpoint of this format.
+    """
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # torch reports a damaged file as EOFError, RuntimeError or an unpickling error
+        raise ValueError(f"{path}: cannot read this checkpoint ({type(e).__name__}: {e}); the file is damaged "
+                         f"(e.g. truncated). Delete it to train again, or restore it from a copy") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{path} is not a {FORMAT} checkpoint (format: {ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt)})")
     return ckpt
@@ -376,15 +367,15 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
             del ckpt
         if ctx.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
-            for stale in out_dir.glob(f".{CHECKPOINT}.*.tmp"):  # left by a run killed mid-write
+            for stale in stale_temporaries(ckpt_path):  # left by a run killed mid-write
                 stale.unlink(missing_ok=True)
-            _atomic_write(out_dir / CONFIG, lambda f: f.write((json.dumps(config.to_dict(), indent=2) + "\n").encode()))
+            with atomic_write(out_dir / CONFIG) as f:
+                f.write((json.dumps(config.to_dict(), indent=2) + "\n").encode())
             _truncate_log(out_dir / LOG, start)
 
         detector_fingerprint = None  # kind "iou": the run its backbone comes from (for cache checks)
         if config.model.kind == "iou":
-            detector_fingerprint = torch.load(config.model.detector_checkpoint, map_location="cpu", weights_only=True,
-                                              mmap=True)["fingerprint"]
+            detector_fingerprint = load_checkpoint(config.model.detector_checkpoint, mmap=True)["fingerprint"]
 
         def checkpoint(iteration: int) -> None:
             rng = distributed.all_gather_objects(ctx, _rng_state(device))  # collective: every rank calls
@@ -466,4 +457,5 @@ def _truncate_log(path: Path, iteration: int) -> None:
         with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):  # a line cut short by a kill
             if json.loads(line)["iteration"] <= iteration:
                 kept.append(line + "\n")
-    _atomic_write(path, lambda f: f.write("".join(kept).encode()))
+    with atomic_write(path) as f:
+        f.write("".join(kept).encode())

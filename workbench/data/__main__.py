@@ -5,7 +5,9 @@
     python -m workbench.data check path/to/instances_val2017.json path/to/val2017
 
 ``prepare`` is idempotent: a folder already prepared with the same parameters is left alone.
-``check`` validates any COCO-format dataset the way the loader does and prints its size.
+``check`` validates any COCO-format dataset the way the loader does, decodes every image (a truncated
+or unreadable file is reported with its path and image id; ``--no-decode`` skips this) and prints its
+size; it exits with 1 when an image is bad.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
+from tqdm import tqdm
 
 from . import CocoDetection, prepare_dataset
 from .folder import read_manifest
@@ -33,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check", help="validate a COCO-format annotation file and its images")
     check.add_argument("ann_file")
     check.add_argument("img_dir")
+    check.add_argument("--no-decode", action="store_true", help="only check the annotation file and that image files exist")
 
     args = parser.parse_args(argv)
     if args.command == "prepare":
@@ -46,9 +51,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{folder}: {json.dumps(counts)}")
     else:
         ds = CocoDetection(args.ann_file, args.img_dir)
+        bad = [] if args.no_decode else _undecodable(ds)
+        for problem in bad:
+            print(problem, file=sys.stderr)
+        if bad:
+            print(f"{args.ann_file}: {len(bad)} of {len(ds)} images cannot be used", file=sys.stderr)
+            return 1
         boxes = sum(len(ds.target(i)["boxes"]) for i in ds.image_ids)
-        print(f"{args.ann_file}: OK, {len(ds)} images, {boxes} boxes (crowd excluded), {ds.num_classes} classes")
+        print(f"{args.ann_file}: OK, {len(ds)} images{'' if args.no_decode else ' decoded'}, {boxes} boxes "
+              f"(crowd excluded), {ds.num_classes} classes")
     return 0
+
+
+def _undecodable(ds: CocoDetection) -> list[str]:
+    """One message per image that cannot be decoded or has the wrong size (each names file and image id)."""
+    problems = []
+    for image_id in tqdm(ds.image_ids, desc="decoding images", unit="img", disable=len(ds) < 100):
+        try:
+            ds.load_image(image_id)
+        except ValueError as e:
+            problems.append(str(e))
+    return problems
 
 
 if __name__ == "__main__":

@@ -18,13 +18,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 from pycocotools.coco import COCO
 from torch import Tensor
 from torch.utils.data import Dataset
+from torchvision.ops import box_convert
 
+from ..files import content_fingerprint
+from .images import decode_image
 from .validate import load_json, validate_coco
 
 Target = dict[str, Any]
@@ -103,17 +104,34 @@ class CocoDetection(Dataset):
         return image, target
 
     def load_image(self, image_id: int) -> Tensor:
-        """Image ``image_id`` as ``Tensor[3, H, W]`` float32 in ``[0, 1]`` (grey and RGBA become RGB)."""
+        """Image ``image_id`` as ``Tensor[3, H, W]`` float32 in ``[0, 1]`` (see :func:`decode_image`).
+
+        Raises:
+            ValueError: naming the annotation file, the image id and the image file when the file
+                cannot be decoded or its size is not the one the annotation file gives.
+        """
         info = self.coco.imgs[image_id]
         path = self.img_dir / info["file_name"]
-        with Image.open(path) as im:
-            if im.size != (info["width"], info["height"]):
-                raise ValueError(
-                    f"{self.ann_file}: image id {image_id}: {path} is {im.size[0]}x{im.size[1]} but the "
-                    f"annotation file says {info['width']}x{info['height']}"
-                )
-            array = np.asarray(im.convert("RGB"))  # (H, W, 3) uint8
-        return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)  # (3, H, W)
+        try:
+            array = decode_image(path)  # (H, W, 3)
+        except ValueError as e:
+            raise ValueError(f"{self.ann_file}: image id {image_id}: {e}") from None
+        if array.shape[:2] != (info["height"], info["width"]):
+            raise ValueError(
+                f"{self.ann_file}: image id {image_id}: {path} is {array.shape[1]}x{array.shape[0]} but the "
+                f"annotation file says {info['width']}x{info['height']}"
+            )
+        return torch.from_numpy(array).permute(2, 0, 1)  # (3, H, W)
+
+    def fingerprint(self, hash_cache: str | Path | None = None) -> str:
+        """16 hex digits naming the content of the annotation file and of every image file it lists.
+
+        Equal fingerprints mean byte-identical data, so results computed from it can be reused;
+        see :func:`workbench.files.content_fingerprint` (``hash_cache``: reread only changed files).
+        """
+        files = {"annotations": self.ann_file}
+        files.update({f"images/{info['file_name']}": self.img_dir / info["file_name"] for info in self.coco.imgs.values()})
+        return content_fingerprint(files, hash_cache)
 
     def target(self, image_id: int) -> Target:
         """The target dict of image ``image_id``, without loading the image."""
@@ -122,8 +140,8 @@ class CocoDetection(Dataset):
             a for a in self.coco.imgToAnns.get(image_id, [])
             if not a.get("iscrowd", 0) and a["id"] not in self._skip_ann_ids
         ]
-        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)  # (N, 4) xywh
-        boxes[:, 2:] += boxes[:, :2]  # -> (x0, y0, x1, y1)
+        xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)  # (N, 4)
+        boxes = box_convert(xywh, "xywh", "xyxy")  # (x0, y0, x1, y1)
         # Validation allowed a small overshoot; clip it so every box lies inside its image.
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, info["width"])
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, info["height"])

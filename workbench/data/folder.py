@@ -24,6 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..files import atomic_write, fsync_dir
+
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
 
@@ -57,11 +59,10 @@ def is_prepared(folder: Path, params: dict[str, Any]) -> bool:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as JSON with sorted keys and no timestamps, so the same data gives the same bytes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, sort_keys=True, separators=(",", ":"))
-        f.write("\n")
+    """Write ``obj`` as JSON with sorted keys and no timestamps, so the same data gives the same bytes
+    (atomically and fsynced, see :func:`workbench.files.atomic_write`)."""
+    with atomic_write(path) as f:
+        f.write((json.dumps(obj, sort_keys=True, separators=(",", ":")) + "\n").encode())
 
 
 def prepare_atomically(folder: Path, params: dict[str, Any], build: Callable[[Path], dict[str, Any]]) -> Path:
@@ -109,3 +110,4 @@ def _replace_dir(new: Path, folder: Path, params: dict[str, Any]) -> None:
             # Lost a race: another process created ``folder`` since the check above.
             if not is_prepared(folder, params):
                 raise
+    fsync_dir(folder.parent)  # the rename itself, durable

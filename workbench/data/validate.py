@@ -34,11 +34,11 @@ def outside_tolerance(size: float) -> float:
     return max(OUTSIDE_TOLERANCE_PX, OUTSIDE_TOLERANCE_FRACTION * size)
 
 
-def load_json(ann_file: str | Path) -> dict[str, Any]:
+def load_json(ann_file: str | Path, what: str = "annotation file") -> Any:
     """Parse ``ann_file``; a clear ``FileNotFoundError`` / ``ValueError`` (naming the file) when that fails."""
     ann_file = Path(ann_file)
     if not ann_file.is_file():
-        raise FileNotFoundError(f"{ann_file}: annotation file not found")
+        raise FileNotFoundError(f"{ann_file}: {what} not found")
     try:
         with open(ann_file, encoding="utf-8") as f:
             data = json.load(f)
@@ -102,6 +102,48 @@ def validate_coco(data: Any, ann_file: str | Path, img_dir: str | Path | None = 
     if img_dir is not None:
         check_image_files(where, data["images"], img_dir)
     return degenerate
+
+
+def load_results(path: str | Path, image_ids: set[int], cat_ids: set[int]) -> list[dict[str, Any]]:
+    """Read and check a COCO results file (another detector's detections); see :func:`validate_results`."""
+    results = load_json(path, "detections file")
+    validate_results(results, str(path), image_ids, cat_ids)
+    return results
+
+
+def validate_results(results: Any, where: str, image_ids: set[int], cat_ids: set[int]) -> None:
+    """Check COCO results records (``image_id``, ``category_id``, ``bbox`` ``[x, y, w, h]``, ``score``).
+
+    Every record must name a known image and category, have a ``bbox`` of 4 finite numbers with
+    width and height > 0 and a finite numeric ``score``. Images without any record are fine (they
+    have no detections). ``ValueError`` naming ``where`` and the record otherwise.
+    """
+    if not isinstance(results, list):
+        raise ValueError(f"{where}: must be a JSON list of detections (COCO results format), got {type(results).__name__}")
+    for k, r in enumerate(results):
+        problem = _result_problem(r, image_ids, cat_ids)
+        if problem is not None:
+            raise ValueError(f"{where}: detection [{k}]: {problem}")
+
+
+def _result_problem(r: Any, image_ids: set[int], cat_ids: set[int]) -> str | None:
+    if not isinstance(r, dict):
+        return f"must be a JSON object with image_id, category_id, bbox, score, got {type(r).__name__}"
+    missing = [key for key in ("image_id", "category_id", "bbox", "score") if key not in r]
+    if missing:
+        return f"missing {missing} (COCO results format: image_id, category_id, bbox [x, y, width, height], score)"
+    if not _is_int(r["image_id"]) or r["image_id"] not in image_ids:
+        return f"image_id {r['image_id']!r} is not an image of the evaluated dataset"
+    if not _is_int(r["category_id"]) or r["category_id"] not in cat_ids:
+        return f"category_id {r['category_id']!r} is not a category of the dataset"
+    bbox = r["bbox"]
+    if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) and math.isfinite(v) for v in bbox):
+        return f"bbox must be 4 finite numbers [x, y, width, height], got {bbox!r}"
+    if not (bbox[2] > 0 and bbox[3] > 0):
+        return f"bbox width and height must be > 0, got {bbox!r} ([x, y, width, height])"
+    if not (_is_number(r["score"]) and math.isfinite(r["score"])):
+        return f"score must be a finite number, got {r['score']!r}"
+    return None
 
 
 def check_image_files(where: str, images: list[dict[str, Any]], img_dir: str | Path) -> None:

@@ -36,6 +36,7 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
+from ..ops._checks import check_boxes
 from .backbones import FPN_CHANNELS, build_backbone
 from .detector import PAPER_MAX_SIZE, PAPER_MIN_SIZE, build_detector, raw_detections
 from .features import FeatureBatch, extract_features
@@ -123,8 +124,20 @@ class IoUHead(nn.Module):
             image_sizes (List[Tuple[int, int]]): ``(height, width)`` of each image in the input frame.
 
         Returns:
-            Tensor[K]: one value per box of the concatenated ``boxes``.
+            Tensor[K]: one value per box of the concatenated ``boxes``, whatever the boxes: inverted
+            or zero-size boxes pool to zero features, boxes off the image fade to them.
+
+        Raises:
+            ValueError: naming ``boxes[i]`` or ``labels[i]``: not ``[M_i, 4]`` finite floats, or a
+                label count that differs from the box count.
         """
+        if len(boxes) != len(labels):
+            raise ValueError(f"boxes and labels must be lists of the same length (one entry per image), "
+                             f"got {len(boxes)} and {len(labels)}")
+        for i, (b, lab) in enumerate(zip(boxes, labels)):
+            check_boxes(f"boxes[{i}]", b)
+            if lab.shape != b.shape[:1]:
+                raise ValueError(f"labels[{i}] must have shape [{len(b)}] (one label per box), got {tuple(lab.shape)}")
         labels_cat = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
         if labels_cat.numel() and not (1 <= int(labels_cat.min()) and int(labels_cat.max()) <= self.num_classes):
             raise ValueError(f"labels must lie in [1, {self.num_classes}], got values in "

@@ -61,8 +61,10 @@ class MultiScalePrRoIPool(nn.Module):
         """
         maps = _filter_input(features, self.featmap_names)
         scales, mapper = _setup_scales(maps, image_shapes, self.canonical_scale, self.canonical_level)
-        # The level is a floor of log2(size): no gradient to pass on, so keep it off the graph.
-        return mapper([b.detach() for b in boxes]), scales
+        # The level is a floor of log2(size): no gradient to pass on, so keep it off the graph. A box
+        # inverted on one axis has a negative area, so NaN size and an out-of-range level after the
+        # cast: clamping sends it to the finest level, where a zero-area box goes (it pools to 0).
+        return mapper([b.detach() for b in boxes]).clamp(0, len(scales) - 1), scales
 
     def forward(self, features: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
         """Pool every box.

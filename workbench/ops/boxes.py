@@ -25,7 +25,14 @@ def pairwise_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
 
     The arithmetic order (areas, intersection, ``inter / (a1 + a2 - inter)``) is the one
     ``torchvision.ops.nms`` uses, so thresholding it reproduces torchvision's decisions bit for bit.
+    float16 and bfloat16 are computed in float32 (as torchvision does) and the IoU cast back: a
+    300 px box has an area of 90000, past float16's largest value 65504.
     """
+    low = (torch.float16, torch.bfloat16)
+    if boxes1.dtype in low or boxes2.dtype in low:
+        dtype = torch.promote_types(boxes1.dtype, boxes2.dtype)
+        compute = torch.promote_types(dtype, torch.float32)
+        return pairwise_iou(boxes1.to(compute), boxes2.to(compute)).to(dtype)
     area1 = box_area(boxes1)
     area2 = box_area(boxes2)
     lt = torch.max(boxes1[:, None, :2], boxes2[None, :, :2])
@@ -60,7 +67,8 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
         boxes2 (Tensor[M, 4]): ``(x0, y0, x1, y1)``, same device as ``boxes1``.
 
     Returns:
-        Tensor[N, M]: IoU in the promoted dtype of the inputs. Two zero-area boxes give
+        Tensor[N, M]: IoU in the promoted dtype of the inputs (float16 and bfloat16 computed
+        in float32, so large boxes do not overflow). Two zero-area boxes give
         ``nan`` (0 / 0), as in torchvision; an inverted box has a negative area and its IoU
         is not meaningful, but is defined by the same formula.
     """
