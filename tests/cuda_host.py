@@ -179,6 +179,9 @@ class HostDevice:
         self.kernel_dir = kernel_dir
         self._libs: dict[str, ctypes.CDLL] = {}
         self._lock = threading.Lock()  # one launch at a time: the shim's barriers are global
+        # Threads stuck in a deadlocked launch still wait on the shim's barriers, which a new
+        # launch would replace under them: after a deadlock this device refuses further work.
+        self._deadlocked = False
 
     def library(self, source: str) -> ctypes.CDLL:
         if source not in self._libs:
@@ -193,6 +196,8 @@ class HostDevice:
         (passed as pointers, written in place), ``None`` (a null pointer) or numpy scalars.
         Each block's threads run concurrently; blocks run one after the other.
         """
+        if self._deadlocked:
+            raise RuntimeError("an earlier launch deadlocked; this emulated device cannot run more kernels")
         if shared_mem > DYNAMIC_SHARED_BYTES:
             raise ValueError(f"shared_mem {shared_mem} exceeds the emulated {DYNAMIC_SHARED_BYTES} bytes")
         if not 1 <= block <= 1024 or grid < 1:
@@ -224,6 +229,7 @@ class HostDevice:
             for th in threads:
                 th.join(DEADLOCK_SECONDS)
                 if th.is_alive():
+                    self._deadlocked = True
                     raise RuntimeError(f"{function}: a thread is stuck after {DEADLOCK_SECONDS} s (deadlock)")
             if errors:
                 raise errors[0]

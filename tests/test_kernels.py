@@ -155,13 +155,14 @@ def _prroi_case(dtype, seed=0):
     return torch.tensor(features, dtype=dtype), torch.tensor(rois, dtype=dtype)
 
 
-@pytest.mark.parametrize("dtype, suffix, tol", [(torch.float64, "double", 1e-12), (torch.float32, "float", 2e-5)])
+@pytest.mark.parametrize("dtype, scalar, tol", [(torch.float64, np.float64, 1e-12), (torch.float32, np.float32, 2e-5)])
 @pytest.mark.parametrize("grid, block", [(1, 1), (3, 5), (64, 32)])
-def test_host_emulated_prroi_kernels_match_pytorch_path(host, dtype, suffix, tol, grid, block):
+def test_host_emulated_prroi_kernels_match_pytorch_path(host, dtype, scalar, tol, grid, block):
     # Grid sizes below and above the item count exercise the grid-stride loops.
     features, rois = _prroi_case(dtype)
     ph, pw, scale = 2, 3, 0.75
-    shape = (*map(np.int32, (*features.shape[1:], ph, pw)), (np.float64 if dtype == torch.float64 else np.float32)(scale))
+    shape = (*map(np.int32, (*features.shape[1:], ph, pw)), scalar(scale))
+    suffix = "double" if dtype == torch.float64 else "float"
 
     f_t, r_t = features.clone().requires_grad_(True), rois.clone().requires_grad_(True)
     expected = prroi_pool(f_t, r_t, (ph, pw), scale)
@@ -169,7 +170,8 @@ def test_host_emulated_prroi_kernels_match_pytorch_path(host, dtype, suffix, tol
     (expected * grad_out).sum().backward()
 
     out = torch.empty(expected.shape, dtype=dtype)
-    host.launch("prroi_pool.cu", f"prroi_forward_{suffix}", grid, block, (features, rois, out, *shape, np.int64(out.numel())))
+    host.launch("prroi_pool.cu", f"prroi_forward_{suffix}", grid, block,
+                (features, rois, out, *shape, np.int64(out.numel())))
     torch.testing.assert_close(out, expected.detach(), atol=tol, rtol=tol)
 
     grad_features = torch.zeros_like(features)

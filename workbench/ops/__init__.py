@@ -1,7 +1,7 @@
 """The numerical core, modelled on ``torchvision.ops``: box utilities, PrRoIPool and the NMS family.
 
 Every op takes boxes as ``(x0, y0, x1, y1)`` in continuous pixel coordinates. CPU tensors run
-pure PyTorch; CUDA tensors run the CuPy kernels in ``kernels/`` through the same call.
+pure PyTorch; CUDA tensors run the CuPy kernels in ``workbench/kernels/`` through the same call.
 """
 
 from .boxes import box_area, box_iou

@@ -15,7 +15,7 @@ still alive from their IoU with the selected one. Only the key and the rule diff
 That loop, in PyTorch, is the reference; CPU tensors run the fast paths of :mod:`._nms_cpu`,
 which the tests hold equal to it (hard NMS through ``torchvision.ops.nms``, Soft-NMS by
 selecting many boxes per step). CUDA tensors run the kernels in
-``kernels/nms.cu``, which repeat its arithmetic operation for operation and its tie-breaking:
+``workbench/kernels/nms.cu``, which repeat its arithmetic operation for operation and its tie-breaking:
 a parallel bitmask of "i suppresses j" walked by one block (:func:`nms`, :func:`iou_guided_nms`),
 and a one-block Soft-NMS loop. float16 and bfloat16 inputs are computed in float32 on both
 devices, so the two paths agree for every dtype. The CUDA hard-NMS scan keeps one bit per box in
@@ -45,7 +45,7 @@ __all__ = ["nms", "soft_nms", "iou_guided_nms", "batched_nms", "batched_soft_nms
 
 _SOFT_METHODS = ("linear", "gaussian")
 
-# CUDA launch geometry; the values the kernels rely on are spelled out in kernels/nms.cu.
+# CUDA launch geometry; the values the kernels rely on are spelled out in workbench/kernels/nms.cu.
 _WORD_BITS = 64  # boxes per mask word, and the mask kernel's block size (NMS_WORD_BITS)
 _BLOCK_THREADS = 256  # the one block of the scan and Soft-NMS kernels: a multiple of 32, <= 1024
 # A block gets 48 KiB of shared memory without opting in, on every GPU; the scan's bitset (one bit
@@ -106,7 +106,7 @@ def _soft(boxes: Tensor, scores: Tensor, iou_threshold: float, sigma: float, sco
 
 
 # --------------------------------------------------------------------------------------------
-# The CUDA path: kernels/nms.cu
+# The CUDA path: workbench/kernels/nms.cu
 # --------------------------------------------------------------------------------------------
 
 
@@ -117,7 +117,7 @@ def _launch(name: str, dtype: torch.dtype, grid: int, block: int, args: tuple, s
 
 def _suppress_cuda(boxes: Tensor, rank: Tensor, scores: Tensor | None, iou_threshold: float,
                    with_suppressors: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Hard NMS by ``kernels/nms.cu``: (keep, new scores if ``scores`` is given, suppressors if asked).
+    """Hard NMS by ``workbench/kernels/nms.cu``: (keep, new scores if ``scores`` is given, suppressors if asked).
 
     ``boxes`` (Tensor[N, 4]), ``rank`` and ``scores`` (Tensor[N]) share one float dtype and device;
     the suppressors (Tensor[N] int64) use input indices, -1 for a kept box.
@@ -152,7 +152,7 @@ def _suppress_cuda(boxes: Tensor, rank: Tensor, scores: Tensor | None, iou_thres
 
 def _soft_cuda(boxes: Tensor, current: Tensor, iou_threshold: float, sigma: float, score_threshold: float,
                gaussian: bool, with_suppressors: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Soft-NMS by ``kernels/nms.cu``: (keep, scores at selection, suppressors if asked).
+    """Soft-NMS by ``workbench/kernels/nms.cu``: (keep, scores at selection, suppressors if asked).
 
     ``current`` (Tensor[N]) is a work copy of the scores, decayed in place; suppressors
     (Tensor[N] int64) are input indices, -1 for a kept box, -2 for one below ``score_threshold``

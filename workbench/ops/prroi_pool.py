@@ -15,7 +15,7 @@ The integral is separable. With ``P`` the antiderivative of ``tri``, a bin ``[xs
 integrates to ``sum_ij d[i, j] Wy[i] Wx[j]`` where ``Wx[j] = P(xe - j) - P(xs - j)`` (same for
 ``y``). The CPU path computes exactly that, vectorized over RoIs and bins, and autograd through
 ``P`` gives the exact coordinate gradient (``dWx[j] / dxe = tri(xe - j)``: the line integrals of
-Eq. 4). CUDA tensors go to the kernels in ``kernels/prroi_pool.cu``, which implement the same sums.
+Eq. 4). CUDA tensors go to the kernels in ``workbench/kernels/prroi_pool.cu``, which implement the same sums.
 """
 
 from __future__ import annotations
@@ -47,32 +47,20 @@ def _pair(output_size: int | tuple[int, int]) -> tuple[int, int]:
     return tuple(size)  # type: ignore[return-value]
 
 
-def _check_spatial_scale(spatial_scale: object) -> None:
-    if isinstance(spatial_scale, bool) or not isinstance(spatial_scale, (int, float)):
-        raise TypeError(f"spatial_scale must be a real number, got {type(spatial_scale).__name__}")
-    if not (math.isfinite(spatial_scale) and spatial_scale > 0):
-        raise ValueError(f"spatial_scale must be a finite number > 0, got {spatial_scale}")
-
-
 def _check_inputs(features: Tensor, rois: Tensor, spatial_scale: float) -> None:
     check_tensor("features", features)
     check_tensor("rois", rois)
     check_floating("features", features)
     check_shape("features", features, (None, None, None, None), "[N, C, H, W]")
-    if min(features.shape[1:]) == 0:
-        raise ValueError(f"features must have C, H, W >= 1 (shape [N, C, H, W]), got {tuple(features.shape)}")
     check_floating("rois", rois)
     check_shape("rois", rois, (None, 5), "[K, 5] rows (batch_index, x0, y0, x1, y1)")
     check_same_device(features=features, rois=rois)
     check_same_dtype(features=features, rois=rois)
     check_finite("rois", rois)
-    _check_spatial_scale(spatial_scale)
-    # Finite coordinates can still overflow once scaled, or in the box extent x1 - x0, in the dtype
-    # the pooling computes in (float32 for float16 and bfloat16).
-    scaled = rois[:, 1:].to(torch.promote_types(rois.dtype, torch.float32)) * spatial_scale
-    if scaled.numel() and not bool(torch.isfinite(torch.cat([scaled, scaled[:, 2:] - scaled[:, :2]], 1)).all()):
-        raise ValueError(f"rois[:, 1:] * spatial_scale ({spatial_scale}) and the box extents x1 - x0, y1 - y0 "
-                         f"must be finite in {rois.dtype}; some coordinates are too large")
+    if isinstance(spatial_scale, bool) or not isinstance(spatial_scale, (int, float)):
+        raise TypeError(f"spatial_scale must be a real number, got {type(spatial_scale).__name__}")
+    if not (math.isfinite(spatial_scale) and spatial_scale > 0):
+        raise ValueError(f"spatial_scale must be a finite number > 0, got {spatial_scale}")
     if rois.numel():
         batch = rois[:, 0]
         if not bool((batch == batch.round()).all()):
@@ -261,8 +249,7 @@ class PrRoIPool(nn.Module):
     def __init__(self, output_size: int | tuple[int, int], spatial_scale: float = 1.0) -> None:
         super().__init__()
         self.output_size = _pair(output_size)
-        _check_spatial_scale(spatial_scale)  # at construction, not at the first call
-        self.spatial_scale = float(spatial_scale)
+        self.spatial_scale = spatial_scale
 
     def forward(self, features: Tensor, rois: Tensor) -> Tensor:
         return prroi_pool(features, rois, self.output_size, self.spatial_scale)
