@@ -47,20 +47,32 @@ def _pair(output_size: int | tuple[int, int]) -> tuple[int, int]:
     return tuple(size)  # type: ignore[return-value]
 
 
+def _check_spatial_scale(spatial_scale: object) -> None:
+    if isinstance(spatial_scale, bool) or not isinstance(spatial_scale, (int, float)):
+        raise TypeError(f"spatial_scale must be a real number, got {type(spatial_scale).__name__}")
+    if not (math.isfinite(spatial_scale) and spatial_scale > 0):
+        raise ValueError(f"spatial_scale must be a finite number > 0, got {spatial_scale}")
+
+
 def _check_inputs(features: Tensor, rois: Tensor, spatial_scale: float) -> None:
     check_tensor("features", features)
     check_tensor("rois", rois)
     check_floating("features", features)
     check_shape("features", features, (None, None, None, None), "[N, C, H, W]")
+    if min(features.shape[1:]) == 0:
+        raise ValueError(f"features must have C, H, W >= 1 (shape [N, C, H, W]), got {tuple(features.shape)}")
     check_floating("rois", rois)
     check_shape("rois", rois, (None, 5), "[K, 5] rows (batch_index, x0, y0, x1, y1)")
     check_same_device(features=features, rois=rois)
     check_same_dtype(features=features, rois=rois)
     check_finite("rois", rois)
-    if isinstance(spatial_scale, bool) or not isinstance(spatial_scale, (int, float)):
-        raise TypeError(f"spatial_scale must be a real number, got {type(spatial_scale).__name__}")
-    if not (math.isfinite(spatial_scale) and spatial_scale > 0):
-        raise ValueError(f"spatial_scale must be a finite number > 0, got {spatial_scale}")
+    _check_spatial_scale(spatial_scale)
+    # Finite coordinates can still overflow once scaled, or in the box extent x1 - x0, in the dtype
+    # the pooling computes in (float32 for float16 and bfloat16).
+    scaled = rois[:, 1:].to(torch.promote_types(rois.dtype, torch.float32)) * spatial_scale
+    if scaled.numel() and not bool(torch.isfinite(torch.cat([scaled, scaled[:, 2:] - scaled[:, :2]], 1)).all()):
+        raise ValueError(f"rois[:, 1:] * spatial_scale ({spatial_scale}) and the box extents x1 - x0, y1 - y0 "
+                         f"must be finite in {rois.dtype}; some coordinates are too large")
     if rois.numel():
         batch = rois[:, 0]
         if not bool((batch == batch.round()).all()):
@@ -249,7 +261,8 @@ class PrRoIPool(nn.Module):
     def __init__(self, output_size: int | tuple[int, int], spatial_scale: float = 1.0) -> None:
         super().__init__()
         self.output_size = _pair(output_size)
-        self.spatial_scale = spatial_scale
+        _check_spatial_scale(spatial_scale)  # at construction, not at the first call
+        self.spatial_scale = float(spatial_scale)
 
     def forward(self, features: Tensor, rois: Tensor) -> Tensor:
         return prroi_pool(features, rois, self.output_size, self.spatial_scale)
