@@ -39,11 +39,13 @@ FAST = os.environ.get("WORKBENCH_FAST", "0") == "1"  # CI: fewer points in the s
 # %%
 # %matplotlib inline
 import numpy as np
+from IPython.display import Markdown, display
 import pandas as pd
 import torch
 
 from workbench.analysis import compare_pooling, example_feature_map, interpolate_feature_map, plot_pooling
-from workbench.notebook_utils import gradient_table, plot_pooling_sweep, pooling_sweep, sweep_slopes
+from workbench.analysis.narrative import describe_pooling
+from workbench.analysis.pooling_gradient import gradient_table, midpoint_mean, plot_pooling_sweep, pooling_sweep, sweep_jumps
 from workbench.ops import prroi_pool
 from workbench.widgets import PoolingExplorer
 
@@ -78,11 +80,8 @@ print("f(2.5, 1) =", interpolate_feature_map(d, [2.5], [1.0])[0, 0], " mean of d
 features = torch.tensor(d)[None, None]  # (1, 1, 6, 8)
 rois = torch.tensor([[0.0, *bin_box]], dtype=torch.float64)  # (1, 5)
 exact = float(prroi_pool(features, rois, output_size=1, spatial_scale=1.0))
-n = 400
-x0, y0, x1, y1 = bin_box
-xs, ys = x0 + (np.arange(n) + 0.5) * (x1 - x0) / n, y0 + (np.arange(n) + 0.5) * (y1 - y0) / n
-brute = interpolate_feature_map(d, xs, ys).mean()
-print(f"PrRoI Pooling {exact:.8f}   midpoint rule on {n}x{n} points {brute:.8f}   difference {abs(exact - brute):.1e}")
+brute = midpoint_mean(d, bin_box, n=400)  # the mean of f at 400 x 400 points
+print(f"PrRoI Pooling {exact:.8f}   midpoint rule {brute:.8f}   difference {abs(exact - brute):.1e}")
 
 # %% [markdown]
 # ## RoI Pooling vs RoI Align vs PrRoI Pooling (Fig. 6)
@@ -140,15 +139,10 @@ explorer
 # ## What the data here shows
 
 # %%
-slopes = sweep_slopes(sweep)
-print(f"pooled values of the bin: RoI Pooling {comparison.roi_pool:.4f}, RoI Align {comparison.roi_align:.4f}, "
-      f"PrRoI Pooling {comparison.prroi_pool:.4f} (brute-force integral {brute:.4f})")
-for name, t in (("bin", table), ("on-grid bin", on_grid)):
-    ref = t.iloc[:, 0].to_numpy()
-    print(f"{name}: max |Eq. 4 - autograd| = {np.abs(t.iloc[:, 1] - ref).max():.1e}, "
-          f"max |finite difference - autograd| = {np.abs(t.iloc[:, 2] - ref).max():.1e}")
-print(f"over {len(sweep)} positions of x0, RoI Pooling took {sweep['RoI Pooling'].nunique()} distinct values")
-pd.DataFrame({"largest jump of the value": sweep.diff().abs().max(), "largest jump of the slope": slopes.diff().abs().max()}).round(4)
+display(Markdown(describe_pooling(comparison, brute, sweep, {"bin": table, "on-grid bin": on_grid})))
+
+# %%
+sweep_jumps(sweep).round(4)
 
 # %% [markdown]
 # * PrRoI Pooling is the exact mean of the interpolated map over the bin: a brute-force integral

@@ -43,20 +43,17 @@ FIGURES = ""  # a folder to save the figures in (PNG), or "" for none
 # %matplotlib inline
 from IPython.display import Markdown, display
 
-from workbench.models import JitterConfig
-from workbench.notebook_utils import (
-    coco_images,
-    describe_iou_training,
-    figure_saver,
+from workbench.analysis.iou_prediction import (
     iou_prediction_error,
     jittered_training_boxes,
-    pipeline_results,
     plot_jittered_boxes,
     plot_predicted_vs_true,
-    plot_training_log,
     predicted_vs_true_iou,
-    training_log,
 )
+from workbench.analysis.narrative import describe_iou_training
+from workbench.analysis.training_log import plot_training_log, training_log
+from workbench.models import JitterConfig
+from workbench.results import coco_images, figure_saver, pipeline_results
 
 # %% [markdown]
 # ## The pipeline's results

@@ -41,14 +41,9 @@ FIGURES = ""  # a folder to save the figures in (PNG), or "" for none
 from IPython.display import Markdown, display
 
 from workbench.analysis import localization_correlation, plot_localization_correlation
-from workbench.notebook_utils import (
-    coco_images,
-    describe_confidence,
-    figure_saver,
-    pipeline_results,
-    plot_suppressed_better_boxes,
-    suppressed_better_boxes,
-)
+from workbench.analysis.narrative import describe_confidence
+from workbench.analysis.suppression import plot_suppressed_better_boxes, suppressed_better_boxes
+from workbench.results import coco_images, figure_saver, pipeline_results
 
 # %% [markdown]
 # ## The pipeline's results

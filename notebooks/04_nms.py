@@ -50,7 +50,9 @@ from workbench.analysis import (
     recall_vs_iou,
 )
 from workbench.analysis import paper_numbers as paper
-from workbench.notebook_utils import coco_images, describe_nms, figure_saver, pipeline_results
+from workbench.analysis.experiments import FIG3_SETS, FIG7_SETS, TABLE1_ROWS, select
+from workbench.analysis.narrative import describe_nms
+from workbench.results import coco_images, figure_saver, pipeline_results
 from workbench.widgets import NMSExplorer
 
 # %% [markdown]
@@ -74,7 +76,7 @@ print({name: len(s[name]) for name in ("raw", "nms", "soft-nms", "iou-nms")}, "d
 # each NMS keeps.
 
 # %%
-positives = positives_per_iou_bin({"No-NMS": s["raw"], "NMS": s["nms"], "IoU-NMS": s["iou-nms"]}, gt)
+positives = positives_per_iou_bin(select(s, FIG3_SETS), gt)
 save(plot_positives_per_iou_bin(positives), "04_fig3_positives_per_iou")
 
 # %%
@@ -87,7 +89,7 @@ positives
 # lower recall; the gap to No-NMS at high thresholds is localization thrown away.
 
 # %%
-recall = recall_vs_iou({"No-NMS": s["raw"], "NMS": s["nms"], "Soft-NMS": s["soft-nms"], "IoU-NMS": s["iou-nms"]}, gt)
+recall = recall_vs_iou(select(s, FIG7_SETS), gt)
 save(plot_recall_vs_iou(recall), "04_fig7_recall_vs_iou")
 
 # %% [markdown]
@@ -97,7 +99,7 @@ save(plot_recall_vs_iou(recall), "04_fig7_recall_vs_iou")
 # followed by the paper's row of the same name (ResNet-50 FPN on COCO minival).
 
 # %%
-table1 = ap_table({"FPN": s["nms"], "FPN + Soft-NMS": s["soft-nms"], "FPN + IoU-NMS": s["iou-nms"]}, gt)
+table1 = ap_table(select(s, TABLE1_ROWS), gt)
 display(Markdown(markdown_table(table1, paper.TABLE1_NMS)))
 
 # %% [markdown]

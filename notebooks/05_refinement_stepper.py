@@ -44,14 +44,10 @@ from IPython.display import Markdown, display
 
 from workbench.analysis import ap_per_iteration, ap_table, markdown_table, monotonicity, plot_ap_per_iteration
 from workbench.analysis import paper_numbers as paper
-from workbench.notebook_utils import (
-    describe_refinement,
-    figure_saver,
-    pipeline_results,
-    refinement_record,
-    refinement_runs,
-    refinement_summary,
-)
+from workbench.analysis.experiments import refinement_runs, select, table2_rows
+from workbench.analysis.narrative import describe_refinement
+from workbench.analysis.refinement import refinement_record, refinement_summary
+from workbench.results import figure_saver, pipeline_results
 from workbench.widgets import RefinementStepper
 
 # %% [markdown]
@@ -90,11 +86,10 @@ mono
 # %% [markdown]
 # ## Table 2: refinement after NMS
 #
-# Ours after `T` steps next to the paper's FPN rows.
+# Ours after the last step `T` next to the paper's FPN rows.
 
 # %%
-T = len(runs["optimization (IoU-Net)"]) - 1
-table2 = ap_table({"FPN": s["nms"], "FPN + Refinement": s[f"nms+refine/{T}"]}, gt)
+table2 = ap_table(select(s, table2_rows(s)), gt)
 display(Markdown(markdown_table(table2, paper.TABLE2_REFINEMENT)))
 
 # %% [markdown]

@@ -38,16 +38,12 @@ FAST = os.environ.get("WORKBENCH_FAST", "0") == "1"  # CI: a tiny shapes run (tr
 # %%
 from IPython.display import Markdown, display
 
-from workbench.analysis import ap_table, markdown_table, timing_table
+from workbench.analysis import ap_table, markdown_table, mean_seconds, speed_comparison, timing_table
 from workbench.analysis import paper_numbers as paper
-from workbench.notebook_utils import (
-    TABLE3_ROWS,
-    describe_joint_and_speed,
-    mean_seconds,
-    pipeline_results,
-    speed_comparison,
-    training_log,
-)
+from workbench.analysis.experiments import TABLE3_ROWS, select
+from workbench.analysis.narrative import describe_joint_and_speed
+from workbench.analysis.training_log import training_log
+from workbench.results import pipeline_results
 
 # %% [markdown]
 # ## The pipeline's results
@@ -70,7 +66,7 @@ print("joint model:", results.run_dirs.get("joint", "none"))
 # with IoU-guided NMS, then with refinement too.
 
 # %%
-table3 = ap_table({row: s[name] for row, name in TABLE3_ROWS.items()}, gt) if joint else None
+table3 = ap_table(select(s, TABLE3_ROWS), gt) if joint else None
 display(Markdown(markdown_table(table3, paper.TABLE3_JOINT) if joint else "*no joint model in this run*"))
 
 # %% [markdown]

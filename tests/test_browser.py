@@ -289,7 +289,7 @@ def test_refinement_stepper_in_the_browser(lab, browser):
 
 def test_pooling_notebook_in_the_browser(lab, browser):
     from workbench.analysis import example_feature_map
-    from workbench.notebook_utils import pooled_value_and_gradient
+    from workbench.analysis.pooling_gradient import pooled_value_and_gradient
 
     page = browser.new_page(viewport={"width": 1300, "height": 1000})
     run_all(page, lab, "01_prroi_pooling.ipynb")

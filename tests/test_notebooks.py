@@ -2,7 +2,8 @@
 
 Fast mode: the kernel gets ``WORKBENCH_FAST=1``, which each notebook's tagged ``parameters`` cell reads;
 ``WORKBENCH_ROOT`` points at a temporary folder, so what a notebook builds (the demo record, a small
-dataset) stays out of the checkout. Also here: the helpers the notebooks call (``workbench.notebook_utils``).
+dataset) stays out of the checkout. Also here: the analyses notebook 01 and the stepper demo call
+(``workbench.analysis.pooling_gradient``, ``workbench.analysis.refinement``).
 """
 
 from __future__ import annotations
@@ -20,15 +21,14 @@ import torch
 from nbclient import NotebookClient
 
 from workbench.analysis import compare_pooling, example_feature_map
-from workbench.notebook_utils import (
-    demo_trajectories,
+from workbench.analysis.pooling_gradient import (
     eq4_gradient,
     finite_difference_gradient,
     gradient_table,
     pooled_value_and_gradient,
     pooling_sweep,
-    refinement_summary,
 )
+from workbench.analysis.refinement import demo_trajectories, refinement_summary
 from workbench.ops import box_iou
 from workbench.trajectories import Trajectories
 

@@ -3,7 +3,7 @@
 The refinement stepper is checked against a refinement record (the demo record, and a hand-built one
 whose orders are known by construction); the pooling explorer against ``prroi_pool`` called directly; the
 NMS explorer against ``suppress`` called directly and its reasons against a slow greedy NMS written here.
-Also here: the helpers notebooks 02-06 call (``workbench.notebook_utils``) that need no trained model.
+Also here: the analyses notebooks 02-06 call (``workbench.analysis.*``) that need no trained model.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ import torch
 from PIL import Image
 
 from workbench.analysis import example_feature_map
-from workbench.notebook_utils import demo_trajectories
+from workbench.analysis.refinement import demo_trajectories
+from workbench.data.images import CocoImages
 from workbench.ops import box_iou, prroi_pool
 from workbench.trajectories import Trajectories
-from workbench.widgets import CocoImages, PoolingExplorer, RefinementStepper
+from workbench.widgets import PoolingExplorer, RefinementStepper
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +124,7 @@ def test_image_is_the_file_the_sidecar_names(record):
     source = stepper.figure.data[0].source
     pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1]))).convert("RGB"))
     images = CocoImages(record.meta["ann_file"], record.meta["img_dir"])
-    info = images.coco.loadImgs([int(record.image_id[0])])[0]
+    info = images.image_info[int(record.image_id[0])]
     with Image.open(images.img_dir / info["file_name"]) as im:
         np.testing.assert_array_equal(pixels, np.asarray(im.convert("RGB")))
     # Zoomed on the box: every step and the ground truth in view, nothing outside the image.
@@ -359,7 +360,7 @@ def test_nms_explorer_survivors_are_suppress_output(method, threshold):
 @pytest.mark.parametrize("method", ["nms", "iou-nms"])
 @pytest.mark.parametrize("seed", range(3))
 def test_suppression_reasons_match_a_slow_greedy_reference(method, seed):
-    from workbench.notebook_utils import explain_suppression
+    from workbench.analysis.suppression import explain_suppression
 
     results, _ = cluster_results(seed, images=1, objects=4, per_object=8)
     _, det = image_tensors(results, 1)
@@ -380,8 +381,30 @@ def test_suppression_reasons_match_a_slow_greedy_reference(method, seed):
                 assert f"takes score {best:.3f} from #{why.loc[k, 'score_from']}" in why.loc[k, "why"]
 
 
+@pytest.mark.parametrize("method", ["none", "nms", "soft-nms", "iou-nms"])
+def test_suppress_reports_the_ops_suppressors_and_keeps_its_output(method):
+    from workbench.postprocess import suppress
+
+    results, _ = cluster_results(2, images=1, objects=4, per_object=8)
+    _, det = image_tensors(results, 1)
+    det = {k: v.float() if v.is_floating_point() else v for k, v in det.items()}  # decided in float32, as the op does
+    plain = suppress(det, method, soft_iou_threshold=0.3, max_detections=None)
+    kept, suppressors = suppress(det, method, soft_iou_threshold=0.3, max_detections=None, return_suppressors=True)
+    for key in plain:
+        torch.testing.assert_close(kept[key], plain[key], rtol=0, atol=0)
+    assert suppressors.dtype == torch.int64 and suppressors.shape == (len(det["boxes"]),)
+    survivors = {tuple(b) for b in kept["boxes"].tolist()}
+    for i, by in enumerate(suppressors.tolist()):
+        box = tuple(det["boxes"][i].tolist())
+        assert (by == -1) == (box in survivors)
+        if by >= 0:  # removed by a box that survived, of its own class
+            assert tuple(det["boxes"][by].tolist()) in survivors and det["labels"][by] == det["labels"][i]
+            if method in ("nms", "iou-nms"):
+                assert box_iou(det["boxes"][by : by + 1], det["boxes"][i : i + 1]).item() > 0.5
+
+
 def test_cap_and_soft_nms_reasons():
-    from workbench.notebook_utils import explain_suppression
+    from workbench.analysis.suppression import explain_suppression
 
     results, _ = cluster_results(1, images=1)
     _, det = image_tensors(results, 1)
@@ -417,7 +440,7 @@ def test_explorer_table_hover_and_image_switch():
 
 def test_suppressed_better_boxes_finds_the_hand_built_case():
     from workbench.data.coco import coco_from_dict
-    from workbench.notebook_utils import suppressed_better_boxes
+    from workbench.analysis.suppression import suppressed_better_boxes
 
     gt = coco_from_dict({"images": [{"id": 1, "width": 100, "height": 100, "file_name": "1.png"}],
                          "annotations": [{"id": 7, "image_id": 1, "category_id": 1, "bbox": [10, 10, 40, 40], "area": 1600, "iscrowd": 0}],
@@ -447,7 +470,7 @@ def test_suppressed_better_boxes_finds_the_hand_built_case():
 
 
 def test_jittered_training_boxes_are_the_iou_they_claim():
-    from workbench.notebook_utils import jittered_training_boxes
+    from workbench.analysis.iou_prediction import jittered_training_boxes
 
     _, gt = cluster_results(images=2, objects=3)
     boxes = jittered_training_boxes(gt, [1, 2])
@@ -461,7 +484,8 @@ def test_jittered_training_boxes_are_the_iou_they_claim():
 
 
 def test_training_log_and_prediction_error(tmp_path):
-    from workbench.notebook_utils import iou_prediction_error, training_log
+    from workbench.analysis.iou_prediction import iou_prediction_error
+    from workbench.analysis.training_log import training_log
 
     lines = [{"iteration": 10, "lr": 0.004, "loss": 0.5, "loss_iou": 0.5}, {"iteration": 20, "lr": 0.01, "loss": 0.3, "loss_iou": 0.3}]
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
@@ -477,7 +501,8 @@ def test_training_log_and_prediction_error(tmp_path):
 
 def test_refinement_runs_and_speed_from_a_hand_built_output():
     from workbench.analysis import paper_numbers as paper
-    from workbench.notebook_utils import refinement_runs, speed_comparison
+    from workbench.analysis import speed_comparison
+    from workbench.analysis.experiments import refinement_runs
     from workbench.pipeline import PipelineOutput
 
     sets = {f"nms+refine/{t}": [t] for t in range(3)} | {f"nms+regress/{t}": [10 + t] for t in range(2)} | {"nms": [], "raw": []}
@@ -494,12 +519,13 @@ def test_refinement_runs_and_speed_from_a_hand_built_output():
 
 
 def test_fast_options_live_under_the_root_and_nothing_is_cached_yet(tmp_path):
-    from workbench.notebook_utils import cached_pipeline_path, reproduce_options
+    from workbench.reproduce import pipeline_cache_path
+    from workbench.results import reproduce_options
 
     opts = reproduce_options("neon-trees", fast=True, root=tmp_path)
     assert opts.preset == "shapes"
     for path in (opts.out_dir, opts.runs_dir, opts.cache_dir):
         assert Path(path).is_relative_to(tmp_path / "cache" / "notebooks")
-    assert cached_pipeline_path(opts) is None  # nothing trained under tmp_path
+    assert pipeline_cache_path(opts) is None  # nothing trained under tmp_path
     cli = reproduce_options("neon-trees")  # exactly `python -m workbench reproduce --config neon-trees`
     assert (cli.preset, cli.out_dir, cli.runs_dir, cli.cache_dir, cli.overrides) == ("neon-trees", "", "runs", "cache/pipeline", [])

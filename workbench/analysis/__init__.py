@@ -15,9 +15,25 @@ module              paper
 ``cocoeval``        Tables 1-3: COCO AP, AP50 ... AP90 from pycocotools' precision array
 ``iterations``      Fig. 4: AP per refinement iteration, monotonicity
 ``pooling``         Fig. 6: RoI Pooling vs RoI Align vs PrRoI Pooling on one bin
-``timing``          Table 4: per-stage seconds per image
+``timing``          Table 4: per-stage seconds per image, FPN vs IoU-Net
 ``report``          Markdown tables with the paper's numbers (``paper_numbers``) alongside
+``experiments``     which pipeline detection sets each figure and table compares, row names
+``narrative``       the sentences that judge each claim (report.md and notebooks alike)
 ==================  ==========================================================================
+
+What the notebooks add (import them from their modules; not re-exported here, so that
+``import workbench.analysis`` stays light):
+
+=====================  =======================================================================
+module                 paper
+=====================  =======================================================================
+``pooling_gradient``   Eq. 4: the gradient w.r.t. a bin's edges (autograd, Eq. 4, finite
+                       differences); Fig. 6 in motion (one edge slid)
+``iou_prediction``     Sec. 3.1: jittered training boxes; predicted vs true IoU, error per bin
+``training_log``       a run's ``log.jsonl``: losses and learning rate
+``suppression``        Algorithm 1 and NMS box by box: who suppressed whom; Fig. 1a's gallery
+``refinement``         Algorithm 2 box by box: summaries of a refinement record, a stand-in record
+=====================  =======================================================================
 """
 
 from .cocoeval import AP_METRICS, ap_table, coco_ap, evaluate_bbox, precision_ap
@@ -26,9 +42,9 @@ from .iterations import ap_per_iteration, is_monotonic, monotonicity, plot_ap_pe
 from .matching import best_iou_per_ground_truth, detections_frame, match_to_ground_truth, top_scored_per_image
 from .pooling import PoolingComparison, compare_pooling, example_feature_map, interpolate_feature_map, plot_pooling
 from .positives import IOU_BIN_EDGES, iou_bin_index, iou_bin_labels, plot_positives_per_iou_bin, positive_detections, positives_per_iou_bin
-from .recall import RECALL_IOU_THRESHOLDS, plot_recall_vs_iou, recall_vs_iou
+from .recall import RECALL_IOU_THRESHOLDS, plot_recall_vs_iou, recall_at, recall_vs_iou
 from .report import markdown_table
-from .timing import timing_table
+from .timing import mean_seconds, speed_comparison, timing_table
 
 __all__ = [
     "AP_METRICS",
@@ -51,6 +67,7 @@ __all__ = [
     "localization_correlation",
     "markdown_table",
     "match_to_ground_truth",
+    "mean_seconds",
     "monotonicity",
     "pearson",
     "plot_ap_per_iteration",
@@ -61,7 +78,9 @@ __all__ = [
     "positive_detections",
     "positives_per_iou_bin",
     "precision_ap",
+    "recall_at",
     "recall_vs_iou",
+    "speed_comparison",
     "timing_table",
     "top_scored_per_image",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 # Okabe-Ito colour-blind-safe palette (blue first, then orange, as in the paper's Fig. 3 and 7).
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
@@ -42,3 +43,9 @@ def style_axes(ax: Axes, *, xlabel: str, ylabel: str, title: str | None = None, 
     if grid:
         ax.grid(True, alpha=0.3)
         ax.set_axisbelow(True)
+
+
+def draw_box(ax: Axes, box, **kw) -> None:
+    """An unfilled rectangle for ``(x0, y0, x1, y1)`` (``kw``: Matplotlib patch properties)."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, **kw))

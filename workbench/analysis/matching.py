@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 from pycocotools.coco import COCO
+from torchvision.ops import box_convert
 
 from workbench.ops import box_iou
 
@@ -63,7 +64,7 @@ def xyxy_from_frame(frame: pd.DataFrame) -> np.ndarray:
         xywh = np.asarray(frame["bbox"].tolist(), dtype=np.float64).reshape(len(frame), 4)
     except (ValueError, TypeError) as err:
         raise ValueError(f"every bbox must be four numbers [x, y, w, h]: {err}") from None
-    return np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+    return box_convert(torch.from_numpy(xywh), "xywh", "xyxy").numpy()
 
 
 def top_scored_per_image(frame: pd.DataFrame, max_dets_per_image: int | None) -> pd.DataFrame:
@@ -94,12 +95,11 @@ def ground_truth_by_image(coco_gt: COCO) -> dict[int, ImageGroundTruth]:
     out = {}
     for image_id in coco_gt.getImgIds():
         anns = [a for a in coco_gt.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
-        xywh = np.asarray([a["bbox"] for a in anns], dtype=np.float64).reshape(len(anns), 4)
-        boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+        xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float64).reshape(len(anns), 4)
         out[image_id] = ImageGroundTruth(
             ids=np.asarray([a["id"] for a in anns], dtype=np.int64),
             category_ids=np.asarray([a["category_id"] for a in anns], dtype=np.int64),
-            boxes=torch.from_numpy(boxes),
+            boxes=box_convert(xywh, "xywh", "xyxy"),
         )
     return out
 

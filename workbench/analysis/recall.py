@@ -71,3 +71,11 @@ def plot_recall_vs_iou(recall: pd.DataFrame, *, title: str | None = "Recall vs. 
     ax.set_xticks(recall.index.to_numpy())
     ax.legend(title="Detections")
     return fig
+
+
+def recall_at(recall: pd.DataFrame, threshold: float) -> pd.Series:
+    """The row of a :func:`recall_vs_iou` table at ``threshold`` (e.g. 0.9): recall per detection set."""
+    hits = recall.index[np.abs(recall.index - threshold) < 1e-9]
+    if not len(hits):
+        raise KeyError(f"threshold {threshold} is not a row of the recall table (rows: {list(recall.index)})")
+    return recall.loc[hits[0]]
