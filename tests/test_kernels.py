@@ -270,6 +270,15 @@ def test_host_emulated_nms_variants(emulated, monkeypatch, dtype):
     torch.testing.assert_close(kept_scores, ref_scores)
 
 
+def test_host_emulated_mask_grid_stride(emulated, monkeypatch):
+    # Two blocks for 16 tiles: the mask kernel walks its tiles with the grid-stride loop, which the
+    # glue's one-block-per-tile geometry only reaches past 65,535 tiles (about 16,000 boxes).
+    monkeypatch.setattr(_cuda, "blocks_for", lambda n, threads, max_blocks=65535: min(2, n))
+    boxes, scores, ious = _clustered(200, seed=11)
+    keep, new_scores, suppressors = nms_module._suppress_cuda(boxes, ious, scores, 0.5, with_suppressors=True)
+    _assert_same((keep, new_scores, suppressors), iou_guided_nms(boxes, scores, ious, 0.5, return_suppressors=True))
+
+
 def test_host_emulated_nms_empty_and_single(emulated):
     boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
     keep, new_scores, suppressors = nms_module._suppress_cuda(boxes, torch.ones(1), torch.ones(1), 0.5, True)
