@@ -22,6 +22,7 @@ import torch
 import torchvision
 
 from workbench import ops
+from workbench.files import atomic_write
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -117,7 +118,8 @@ def write(rows: list[dict], device: str) -> Path:
     meta = {"device": name, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "date": time.strftime("%Y-%m-%d")}
     slug = "".join(c if c.isalnum() else "-" for c in ("cpu" if device == "cpu" else name)).strip("-").lower()
-    (RESULTS / f"ops-{slug}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    with atomic_write(RESULTS / f"ops-{slug}.json") as f:
+        f.write(json.dumps({"meta": meta, "rows": rows}, indent=1).encode())
     lines = [f"# Ops benchmark on {name}", "", f"torch {meta['torch']}, torchvision {meta['torchvision']}, "
              f"{meta['date']}. Median ms; ratio = ours / peer (lower is better for us).", "",
              "| op | size | ours (ms) | peer | peer (ms) | ratio |", "|---|---|---:|---|---:|---:|"]
@@ -125,7 +127,8 @@ def write(rows: list[dict], device: str) -> Path:
         lines.append(f"| {r['op']} | {r['size']} | {r['ours_ms']} | {r['peer']} | "
                      f"{'' if r['peer_ms'] is None else r['peer_ms']} | {'' if r['ratio'] is None else r['ratio']} |")
     path = RESULTS / f"ops-{slug}.md"
-    path.write_text("\n".join(lines) + "\n")
+    with atomic_write(path) as f:
+        f.write(("\n".join(lines) + "\n").encode())
     return path
 
 

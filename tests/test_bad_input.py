@@ -437,9 +437,10 @@ def test_refinement_keeps_every_box_inside_the_image_with_a_positive_size(name, 
     _assert_valid(result.trajectory[1:], 48, 60)
 
 
-def test_large_steps_with_the_real_head_never_crash():
-    # The crash: λ = 0.5 with the gradient scaled by w² (here: a large λ instead) made boxes
-    # degenerate and the head fail. Every step must now hand the head valid boxes.
+@pytest.mark.parametrize("step_size, step_scaling", [(0.5, "log"), (500.0, "width")])
+def test_large_steps_with_the_real_head_never_crash(step_size, step_scaling):
+    # The crash: λ = 0.5 with the gradient scaled by w² (the "log" reading) made boxes
+    # degenerate and the head fail; so does a large λ. Every step must now hand the head valid boxes.
     torch.manual_seed(0)
     head = IoUHead(num_classes=3).eval()
     feats, labels = _pyramid(), torch.tensor([1, 2, 3, 1, 2, 3])
@@ -450,7 +451,8 @@ def test_large_steps_with_the_real_head_never_crash():
         return head.predict_iou(feats, [b], [labels], [(SIZE, SIZE)])
 
     start = DEGENERATE.clamp(0, SIZE)
-    result = optimize_boxes(score, start, iterations=5, step_size=500.0, degeneration=-1e9, image_size=(SIZE, SIZE))
+    result = optimize_boxes(score, start, iterations=5, step_size=step_size, degeneration=-1e9, image_size=(SIZE, SIZE),
+                            step_scaling=step_scaling)
     assert result.predicted.shape == (6, 6)
     _assert_valid(torch.stack(seen[1:]), SIZE, SIZE)
 

@@ -105,12 +105,12 @@ def content_fingerprint(files: Mapping[str, str | os.PathLike], hash_cache: str 
     changed = False
     digest = hashlib.sha256()
     for name in sorted(files):
-        path = Path(files[name])
+        path = os.fspath(files[name])  # plain strings: pathlib objects cost more than the stat itself
         try:
-            st = path.stat()
+            st = os.stat(path)
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: file not found (fingerprinting {name!r})") from None
-        key = str(path.resolve())
+        key = os.path.abspath(path)
         entry = cache.get(key)
         if not (isinstance(entry, list) and entry[:2] == [st.st_size, st.st_mtime_ns]):
             entry = [st.st_size, st.st_mtime_ns, sha256_file(path)]

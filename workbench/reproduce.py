@@ -242,13 +242,16 @@ def _run(opts: ReproduceOptions, ctx: distributed.DistContext):
 
 def _save_figure(fig: Figure, out: Path, name: str) -> list[str]:
     for ext in ("png", "svg"):
-        fig.savefig(out / f"{name}.{ext}", dpi=150, bbox_inches="tight")
+        with atomic_write(out / f"{name}.{ext}") as f:
+            fig.savefig(f, format=ext, dpi=150, bbox_inches="tight")
     return [f"{name}.png", f"{name}.svg"]
 
 
 def _save_table(df: pd.DataFrame, out: Path, name: str, markdown: str) -> None:
-    df.to_csv(out / f"{name}.csv")
-    (out / f"{name}.md").write_text(markdown + "\n")
+    with atomic_write(out / f"{name}.csv") as f:
+        f.write(df.to_csv().encode())
+    with atomic_write(out / f"{name}.md") as f:
+        f.write((markdown + "\n").encode())
 
 
 def _ap_table(rows: dict[str, list[dict]], coco_gt, paper_rows: dict, out: Path, name: str) -> tuple[pd.DataFrame, str]:
@@ -343,8 +346,10 @@ def write_report(output: PipelineOutput, coco_gt, out: Path, title: str, device:
         lines += ["## Refinement record", "",
                   f"`trajectories.npz`: {len(output.trajectories)} boxes refined after IoU-NMS, step by step "
                   "(open it with the refinement stepper, `notebooks/05_refinement_stepper.ipynb`).", ""]
-    (out / "report.md").write_text("\n".join(lines))
-    (out / "numbers.json").write_text(json.dumps(numbers, indent=1, default=float))
+    with atomic_write(out / "report.md") as f:
+        f.write("\n".join(lines).encode())
+    with atomic_write(out / "numbers.json") as f:
+        f.write(json.dumps(numbers, indent=1, default=float).encode())
     return numbers
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -129,8 +130,10 @@ class CocoDetection(Dataset):
         Equal fingerprints mean byte-identical data, so results computed from it can be reused;
         see :func:`workbench.files.content_fingerprint` (``hash_cache``: reread only changed files).
         """
+        img_dir = str(self.img_dir)
         files = {"annotations": self.ann_file}
-        files.update({f"images/{info['file_name']}": self.img_dir / info["file_name"] for info in self.coco.imgs.values()})
+        files.update({f"images/{info['file_name']}": os.path.join(img_dir, info["file_name"])
+                      for info in self.coco.imgs.values()})
         return content_fingerprint(files, hash_cache)
 
     def target(self, image_id: int) -> Target:
