@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -483,6 +484,45 @@ def test_fast_suppress_equals_reference_on_many_boxes_in_blocks(monkeypatch, see
     for iou_threshold in (0.0, 0.3, 0.7):
         expected = _nms_cpu.reference_suppress(boxes, ious, scores, iou_threshold, rescore=True)
         got = _nms_cpu.suppress(boxes, ious, scores, iou_threshold, rescore=True, with_suppressors=True)
+        assert all(torch.equal(g, e) for g, e in zip(got, expected))
+
+
+@pytest.mark.parametrize("candidates", [1, 2, 64])
+@settings(max_examples=150, deadline=None)
+@given(case=st.one_of(detections(), detections(continuous=True)), iou_threshold=THRESHOLDS,
+       score_threshold=st.sampled_from([0.0, 0.001, 0.2, 0.5]), double=st.booleans())
+def test_fast_linear_soft_nms_equals_reference(candidates, case, iou_threshold, score_threshold, double):
+    # Bit for bit: the fast path multiplies the same float weights in the same order. One, two
+    # and many candidates per step exercise the tie handling of the candidate selection.
+    boxes, scores, _ = (t.to(torch.float64 if double else torch.float32) for t in case)
+    expected = _nms_cpu.reference_soft(boxes, scores.clone(), iou_threshold, 0.5, score_threshold, False)
+    with mock.patch.object(_nms_cpu, "_SOFT_CANDIDATES", candidates):
+        got = _nms_cpu.soft(boxes, scores.clone(), iou_threshold, 0.5, score_threshold, False)
+    for g, e in zip(got, expected):
+        assert g.dtype == e.dtype and g.tolist() == e.tolist()
+
+
+@pytest.mark.parametrize("candidates", [2, 64])
+@settings(max_examples=100, deadline=None)
+@given(case=st.one_of(detections(tied=False), detections(continuous=True, tied=False)),
+       sigma=st.sampled_from([0.1, 0.5, 2.0]), score_threshold=st.sampled_from([0.0, 0.001, 0.2]))
+def test_fast_gaussian_soft_nms_equals_reference(candidates, case, sigma, score_threshold):
+    # NumPy's and PyTorch's exp may differ in the last bit: distinct scores, scores to a tolerance.
+    boxes, scores, _ = case
+    expected = _nms_cpu.reference_soft(boxes, scores.clone(), 0.3, sigma, score_threshold, True)
+    with mock.patch.object(_nms_cpu, "_SOFT_CANDIDATES", candidates):
+        keep, new_scores, suppressors = _nms_cpu.soft(boxes, scores.clone(), 0.3, sigma, score_threshold, True)
+    assert keep.tolist() == expected[0].tolist() and suppressors.tolist() == expected[2].tolist()
+    torch.testing.assert_close(new_scores, expected[1], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_fast_soft_nms_equals_reference_on_many_boxes(seed):
+    boxes, scores = random_boxes(1500, seed)
+    tied = (scores * 16).round() / 16  # many equal scores, and equal decayed scores
+    for iou_threshold, score_threshold in ((0.0, 0.001), (0.3, 0.001), (0.5, 0.3)):
+        expected = _nms_cpu.reference_soft(boxes, tied.clone(), iou_threshold, 0.5, score_threshold, False)
+        got = _nms_cpu.soft(boxes, tied.clone(), iou_threshold, 0.5, score_threshold, False)
         assert all(torch.equal(g, e) for g, e in zip(got, expected))
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torchvision  # noqa: F401  (registers torch.ops.torchvision.nms)
 from torch import Tensor
@@ -35,6 +36,8 @@ KEPT, UNSUPPRESSED = -1, -2
 
 # Elements of one block of the kept x suppressed IoU matrix in :func:`first_suppressor`.
 _BLOCK_ELEMENTS = 1 << 20
+# Boxes examined per step of :func:`soft`; the step selects the longest non-overlapping prefix of them.
+_SOFT_CANDIDATES = 64
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,9 +175,10 @@ def first_suppressor(boxes: Tensor, keep: Tensor, iou_threshold: float) -> Tenso
     kept_boxes = boxes.index_select(0, keep)
     step = max(1, _BLOCK_ELEMENTS // max(1, keep.numel()))
     for block in torch.split(dropped, step):
-        over = pairwise_iou(kept_boxes, boxes.index_select(0, block)) > bound  # (K, B)
+        # (B, K), so that the reduction runs along contiguous rows; IoU is symmetric bit for bit.
+        over = pairwise_iou(boxes.index_select(0, block), kept_boxes) > bound
         # argmax returns the first maximum: the first kept box above the threshold.
-        suppressors[block] = keep[over.to(torch.uint8).argmax(0)]
+        suppressors[block] = keep[over.to(torch.uint8).argmax(1)]
     return suppressors
 
 
@@ -201,6 +205,160 @@ def suppress(boxes: Tensor, rank: Tensor, scores: Tensor, iou_threshold: float, 
     return keep, new_scores, suppressors if with_suppressors else None
 
 
+def at_least(dtype: torch.dtype, threshold: float) -> float:
+    """The smallest ``dtype`` value ``t >= threshold``: for ``x`` of that dtype, ``x >= t`` iff ``x >= threshold``."""
+    t = torch.tensor(threshold, dtype=torch.float64).to(dtype)
+    if float(t) < threshold:
+        t = torch.nextafter(t, torch.tensor(float("inf"), dtype=dtype))
+    return float(t)
+
+
+def _overlap_graph(boxes: np.ndarray, iou_threshold: float, sigma: float, gaussian: bool
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every pair of boxes whose Soft-NMS weight may differ from 1, as a symmetric CSR graph.
+
+    A pair that does not intersect has IoU 0 (or 0/0 = NaN), whose weight is exactly 1 under both
+    decays, so only intersecting pairs (and for the linear decay, only IoU >= ``iou_threshold``)
+    are edges. Candidates come from a sweep along x within horizontal strips as tall as the mean
+    box: each box is entered in every strip it spans, and a pair is taken only in the strip of
+    its lower ``y0`` edge, which both boxes span. The IoU arithmetic is :func:`pairwise_iou`'s,
+    operation for operation, so the weights are those of the reference.
+
+    Returns:
+        (indptr [N + 1], neighbours [E], weights [E]).
+    """
+    n = boxes.shape[0]
+    x0, y0, x1, y1 = (np.ascontiguousarray(c) for c in boxes.T)
+    area = (x1 - x0) * (y1 - y0)
+    # Boxes without a positive width and height intersect nothing.
+    valid = np.flatnonzero((x1 > x0) & (y1 > y0))
+    if not valid.size:
+        return np.zeros(n + 1, dtype=np.int64), np.empty(0, dtype=np.int64), np.empty(0, dtype=boxes.dtype)
+    by_x = valid[np.argsort(x0[valid], kind="stable")]
+    x_rank = np.empty(n, dtype=np.int64)
+    x_rank[by_x] = np.arange(by_x.size)
+    top = float(y0[valid].min())
+    height = float(np.mean(y1[valid] - y0[valid], dtype=np.float64))
+    first_strip = np.floor((y0.astype(np.float64) - top) / height).astype(np.int64)
+    last_strip = np.floor((y1.astype(np.float64) - top) / height).astype(np.int64)
+    spans = last_strip[by_x] - first_strip[by_x] + 1
+    # One entry per (box, strip it spans), ordered by strip, then x0 (ties by index).
+    box = np.repeat(by_x, spans)
+    strip = first_strip[box] + np.arange(box.size) - np.repeat(np.cumsum(spans) - spans, spans)
+    key = strip * n + x_rank[box]
+    in_order = np.argsort(key, kind="stable")
+    box, strip, key = box[in_order], strip[in_order], key[in_order]
+    # Entries after entry e in its strip whose x0 < x1 of e's box: searchsorted on the same key.
+    ends = np.searchsorted(key, strip * n + np.searchsorted(x0[by_x], x1[box], side="left"), side="left")
+    counts = np.maximum(ends - np.arange(1, box.size + 1), 0)
+    e = np.repeat(np.arange(box.size), counts)
+    f = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts - np.arange(1, box.size + 1), counts)
+    first, second = box[e], box[f]
+    meet = ((y0[second] < y1[first]) & (y0[first] < y1[second])
+            & (np.maximum(first_strip[first], first_strip[second]) == strip[e]))
+    first, second = first[meet], second[meet]
+    w = np.minimum(x1[first], x1[second]) - np.maximum(x0[first], x0[second])
+    h = np.minimum(y1[first], y1[second]) - np.maximum(y0[first], y0[second])
+    inter = w * h
+    # w, h > 0 here; their product can still underflow to 0 (IoU 0: weight 1).
+    hit = inter > 0
+    first, second, inter = first[hit], second[hit], inter[hit]
+    iou = inter / (area[first] + area[second] - inter)
+    if gaussian:
+        weight = np.exp(-(iou * iou) / sigma)
+    else:
+        decays = iou >= at_least(torch.float32 if boxes.dtype == np.float32 else torch.float64, iou_threshold)
+        first, second, iou = first[decays], second[decays], iou[decays]
+        weight = 1 - iou
+    source = np.concatenate((first, second))
+    stable = np.argsort(source)  # the order within a row does not matter
+    indptr = np.concatenate(([0], np.cumsum(np.bincount(source, minlength=n))))
+    return indptr, np.concatenate((second, first))[stable], np.concatenate((weight, weight))[stable]
+
+
+def _ranges(indptr: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The CSR entries of ``rows``, in row order: (entry indices, position in ``rows`` of each)."""
+    starts, counts = indptr[rows], indptr[rows + 1] - indptr[rows]
+    owner = np.repeat(np.arange(rows.size), counts)
+    return np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum()), owner
+
+
+def _record_removals(targets: np.ndarray, start: np.ndarray, weights: np.ndarray, by: np.ndarray, floor: float,
+                     suppressors: np.ndarray, alive: np.ndarray) -> None:
+    """Mark the boxes that fell below ``floor`` in one step as removed, each by the first decay that did it.
+
+    Args are per decay, in the order they were applied: the decayed box, its score before the
+    step, the weight and the selected box that applied it.
+    """
+    current = dict(zip(targets.tolist(), start.tolist()))
+    dtype = start.dtype.type
+    for target, weight, suppressor in zip(targets.tolist(), weights.tolist(), by.tolist()):
+        if alive[target]:
+            # Replayed in the arrays' dtype, so each product rounds as it did in the step.
+            current[target] = float(dtype(current[target]) * dtype(weight))
+            if current[target] < floor:
+                alive[target] = False
+                suppressors[target] = suppressor
+
+
 def soft(boxes: Tensor, current: Tensor, iou_threshold: float, sigma: float, score_threshold: float,
          gaussian: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return reference_soft(boxes, current, iou_threshold, sigma, score_threshold, gaussian)
+    """Soft-NMS, selecting many boxes per step with the reference's selections and arithmetic.
+
+    Sort the alive boxes by (current score descending, index ascending): the first, ``c1``, is
+    the next selection. So is the second, ``c2``, unless it overlaps ``c1`` (then ``c1`` decays
+    it): selections only lower the scores of their overlapping boxes, so ``c2`` still ranks first
+    among the rest. The longest prefix of candidates in which no box overlaps an earlier one is
+    therefore the reference's next selections, in order, at their current scores. Their decays
+    are then applied to each overlapping box in selection order, as the reference multiplies
+    them, and a box is removed (with its suppressor) at the first that takes it below
+    ``score_threshold``. Overlaps come from :func:`_overlap_graph`, built once; the loop works
+    on NumPy arrays, whose per-call overhead is a fraction of a tensor op's.
+    """
+    b, s = boxes.numpy(), current.numpy().copy()
+    n = b.shape[0]
+    floor = at_least(current.dtype, score_threshold)
+    indptr, neighbours, weights = _overlap_graph(b, iou_threshold, sigma, gaussian)
+    suppressors = np.full(n, UNSUPPRESSED, dtype=np.int64)
+    alive = s >= floor
+    rank = np.full(n, -1, dtype=np.int64)
+    keep: list[np.ndarray] = []
+    live = np.flatnonzero(alive)
+    while live.size:
+        scores = s[live]
+        if live.size > _SOFT_CANDIDATES:
+            # The top candidates exactly: every score above the smallest of the partition's
+            # top, then ties at that score by ascending index (``live`` is ascending).
+            v = scores[np.argpartition(-scores, _SOFT_CANDIDATES - 1)[:_SOFT_CANDIDATES]].min()
+            above = live[scores > v]
+            candidates = np.concatenate((above, live[scores == v][: _SOFT_CANDIDATES - above.size]))
+        else:
+            candidates = live
+        candidates = candidates[np.lexsort((candidates, -s[candidates]))]
+        rank[candidates] = np.arange(candidates.size)
+        entries, owner = _ranges(indptr, candidates)
+        other = rank[neighbours[entries]]
+        conflict = (other >= 0) & (other < owner)
+        length = int(owner[conflict].min()) if conflict.any() else candidates.size
+        rank[candidates] = -1
+        selected = candidates[:length]
+        keep.append(selected)
+        alive[selected] = False
+        suppressors[selected] = KEPT
+        # Decays of the selected boxes, in selection order: ufunc.at applies repeated indices one
+        # after the other, so a box overlapping several selected boxes gets the reference's product.
+        mine = owner < length
+        entries, owner = entries[mine], owner[mine]
+        targets = neighbours[entries]
+        live_target = alive[targets]
+        entries, owner, targets = entries[live_target], owner[live_target], targets[live_target]
+        before = s[targets]
+        np.multiply.at(s, targets, weights[entries])
+        dropped = s[targets] < floor
+        if dropped.any():
+            _record_removals(targets[dropped], before[dropped], weights[entries[dropped]],
+                             selected[owner[dropped]], floor, suppressors, alive)
+        live = np.flatnonzero(alive)
+    kept = np.concatenate(keep) if keep else np.empty(0, dtype=np.int64)
+    return (torch.from_numpy(kept), current.new_tensor(s[kept]) if kept.size else current.new_empty(0),
+            torch.from_numpy(suppressors))
