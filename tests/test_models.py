@@ -397,6 +397,23 @@ def test_standalone_iou_net_on_a_detector_freezes_a_copy(detector, images):
         StandaloneIoUNet(num_classes=5, detector=detector)
 
 
+def test_frozen_backbone_feature_cache_gives_the_uncached_loss(detector, images):
+    # Images of different sizes: cached maps are computed one image at a time and zero-padded to the
+    # batch, which must give what the padded batch gives (up to the float16 storage).
+    targets = [{**t, "image_id": torch.tensor(k + 1)} for k, t in enumerate(_tiny_targets())]
+    cached = StandaloneIoUNet(detector=detector, jitter=JitterConfig(num_per_gt=4)).train()
+    plain = StandaloneIoUNet(detector=detector, jitter=JitterConfig(num_per_gt=4), cache_features=False).train()
+    plain.iou_head.load_state_dict(cached.iou_head.state_dict())
+    assert cached.cache_features and not plain.cache_features
+    for _ in range(2):  # the second pass reads the cache
+        cached.generator, plain.generator = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+        torch.testing.assert_close(cached(images, targets)["loss_iou"], plain(images, targets)["loss_iou"],
+                                   rtol=2e-3, atol=1e-5)
+    assert sorted(cached._feature_cache) == [1, 2] and not plain._feature_cache
+    unfrozen = StandaloneIoUNet(detector=detector, freeze_backbone=False, cache_features=True)
+    assert not unfrozen.cache_features and any(p.requires_grad for p in unfrozen.backbone.parameters())
+
+
 def test_joint_iou_net_losses_and_raw_detections_with_iou(images):
     torch.manual_seed(0)
     # The paper's variant, PrRoI Pooling in the R-CNN branch too; few RoIs keep it fast on a CPU.

@@ -50,6 +50,26 @@ def test_scaled_gradient_step_equals_hand_computed_one():
     torch.testing.assert_close(result.predicted[1] - result.predicted[0], torch.tensor([2.0], dtype=torch.float64))
 
 
+def test_log_step_scaling_moves_a_fixed_fraction_of_the_box():
+    # "log" reading: a step of λ in (x/w, y/h, log w, log h) is λ · w² · ∂score/∂x pixels. Same box
+    # and score as above: 0.5 * (400 a0, 1600 a1, 400 a2, 1600 a3) = (20, -160, 60, 80).
+    a = torch.tensor([0.1, -0.2, 0.3, 0.1], dtype=torch.float64)
+    boxes = torch.tensor([[10.0, 20.0, 30.0, 60.0]], dtype=torch.float64)
+    result = optimize_boxes(lambda b: b @ a, boxes, iterations=1, step_size=0.5, step_scaling="log")
+    torch.testing.assert_close(result.gradients[0], torch.tensor([[20.0, -160.0, 60.0, 80.0]], dtype=torch.float64))
+    # Scale invariance: for the true IoU with a ground truth scaled with the box, the step in box
+    # widths is the same for a box 10x larger (IoU's gradient in pixels shrinks as 1/w).
+    def iou_with(gt):
+        from workbench.ops.boxes import matched_iou
+        return lambda b: matched_iou(b, gt.expand_as(b))
+    small, gt_small = torch.tensor([[0.0, 0.0, 10.0, 10.0]], dtype=torch.float64), torch.tensor([[1.0, 1.0, 11.0, 12.0]], dtype=torch.float64)
+    steps = [optimize_boxes(iou_with(gt_small * k), small * k, iterations=1, step_size=0.5, step_scaling="log").gradients[0] / k
+             for k in (1.0, 10.0)]
+    torch.testing.assert_close(steps[0], steps[1])
+    with pytest.raises(ValueError, match="step_scaling"):
+        optimize_boxes(lambda b: b @ a, boxes, step_scaling="pixels")
+
+
 def test_early_stop_when_the_score_stops_changing():
     # score = g * x1: the gradient is g on x1, a step adds 0.5 * w * g to x1 and 0.5 * w * g^2 to
     # the score. Box 0 (g = 1e-3, w = 10) gains 5e-6 < Ω1 and stops at step 1; box 1 (g = 0.1)

@@ -48,6 +48,7 @@ class PipelineSettings:
     refine_top: int = 100  # refine the highest-scored boxes after suppression (paper: 100)
     refine_iterations: int = 5  # T (paper: 5)
     refine_step_size: float = 0.5  # λ (paper: 0.5)
+    refine_step_scaling: str = "width"  # Algorithm 2's scale(grad, b): "width" (λ·w·grad) or "log" (λ·w²·grad); see refine.py
     refine_early_stop: float = 0.001  # Ω1 (paper: 0.001)
     refine_degeneration: float = -0.01  # Ω2 (paper: -0.01)
     regression_iterations: int = 5  # iterative box regression steps (Fig. 4's baseline)
@@ -107,7 +108,7 @@ def _refine_steps(model: nn.Module, feats, det: dict[str, Tensor], s: PipelineSe
     top = {k: v[: s.refine_top] for k, v in det.items()}
     return top, optimize_boxes(_iou_scorer(model, feats, top["labels"]), top["boxes"], s.refine_iterations,
                                s.refine_step_size, s.refine_early_stop, s.refine_degeneration,
-                               image_size=feats.original_sizes[0])
+                               image_size=feats.original_sizes[0], step_scaling=s.refine_step_scaling)
 
 
 def _with_boxes(det: dict[str, Tensor], boxes: Tensor) -> dict[str, Tensor]:

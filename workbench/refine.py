@@ -3,8 +3,16 @@ bounding-box regression it is compared with (Sec. 2.2, Fig. 4).
 
 Optimization-based refinement treats the IoU predictor as an objective and climbs its gradient
 w.r.t. the box coordinates, which PrRoI Pooling makes continuous. Each step is scaled per axis
-by the box's own width and height (Sec. 3.3: equivalent to optimizing in log-scaled
-coordinates), and each box stops on its own: when its predicted IoU no longer changes
+by the box's own size (Sec. 3.3), in one of two readings of the paper (``step_scaling``):
+
+* ``"width"``: ``x += λ · w · ∂IoU/∂x``, Algorithm 2's line 6 as written ("scale up ∇x1 with
+  width(b)"); a step in pixels then grows only linearly with the box.
+* ``"log"``: gradient ascent in the log-scaled coordinates ``(x/w, y/h, log w, log h)`` the paper
+  calls it equivalent to: the gradient w.r.t. ``x/w`` is ``w · ∂IoU/∂x`` and a step of ``λ`` times
+  it *in those coordinates* moves ``x`` by ``λ · w² · ∂IoU/∂x`` pixels, a step measured in box
+  widths, the same fraction of every box whatever its size.
+
+Each box stops on its own: when its predicted IoU no longer changes
 (``|new - prev| < omega1``) or when it drops by more than the tolerance (``new - prev < omega2``).
 """
 
@@ -21,6 +29,8 @@ from .ops._checks import check_boxes
 # Smallest width and height (pixels) a refinement step may leave a box with: a box that shrinks to
 # nothing pools to zero features and its step scale (its size) to zero, so it could never recover.
 MIN_BOX_SIZE = 1.0
+
+STEP_SCALINGS = ("width", "log")  # readings of Algorithm 2's scale(grad, b); see the module docstring
 
 # Stop reasons recorded per box, in the order Algorithm 2 tests them.
 RUNNING, CONVERGED, DEGENERATED = 0, 1, 2
@@ -87,11 +97,15 @@ def valid_boxes(boxes: Tensor, image_size: tuple[int, int] | None = None, min_si
     return torch.stack([x0, y0, x1, y1], dim=1)
 
 
-def box_size_scale(boxes: Tensor) -> Tensor:
-    """Per-coordinate step scale ``(w, h, w, h)`` of each box (Algorithm 2, line 6; Sec. 3.3)."""
+def box_size_scale(boxes: Tensor, step_scaling: str = "width") -> Tensor:
+    """Per-coordinate step scale of each box (Algorithm 2, line 6; Sec. 3.3): ``Tensor[K, 4]``,
+    ``(w, h, w, h)`` for ``step_scaling="width"``, ``(w², h², w², h²)`` for ``"log"``, in pixels."""
+    if step_scaling not in STEP_SCALINGS:
+        raise ValueError(f"step_scaling must be one of {STEP_SCALINGS}, got {step_scaling!r}")
     w = (boxes[:, 2] - boxes[:, 0]).clamp(min=0)
     h = (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
-    return torch.stack([w, h, w, h], dim=1)
+    scale = torch.stack([w, h, w, h], dim=1)
+    return scale if step_scaling == "width" else scale * scale
 
 
 def optimize_boxes(
@@ -102,6 +116,7 @@ def optimize_boxes(
     early_stop: float = 0.001,
     degeneration: float = -0.01,
     image_size: tuple[int, int] | None = None,
+    step_scaling: str = "width",
 ) -> Refinement:
     """Optimization-based bounding-box refinement (Algorithm 2), batched over boxes.
 
@@ -119,6 +134,7 @@ def optimize_boxes(
         image_size: ``(height, width)`` of the image, in the boxes' coordinates: every step's boxes
             are clipped to it. Whether given or not, a step never leaves a box smaller than
             ``MIN_BOX_SIZE`` (see :func:`valid_boxes`), so ``score_fn`` always sees valid boxes.
+        step_scaling: ``"width"`` or ``"log"``, the reading of ``scale(grad, b)`` (module docstring).
 
     Returns:
         Refinement: final boxes and scores plus the full per-step record.
@@ -128,6 +144,8 @@ def optimize_boxes(
         raise ValueError(f"iterations must be an int >= 0, got {iterations!r}")
     if not step_size > 0:
         raise ValueError(f"step_size must be > 0, got {step_size}")
+    if step_scaling not in STEP_SCALINGS:
+        raise ValueError(f"step_scaling must be one of {STEP_SCALINGS}, got {step_scaling!r}")
     if not early_stop >= 0:
         raise ValueError(f"early_stop (Ω1) must be >= 0, got {early_stop}")
     if not degeneration < 0:
@@ -143,7 +161,7 @@ def optimize_boxes(
     prev, grad = _score_and_gradient(score_fn, boxes)
     predicted.append(prev)
     for step in range(1, iterations + 1):
-        update = step_size * box_size_scale(boxes) * grad * active[:, None]
+        update = step_size * box_size_scale(boxes, step_scaling) * grad * active[:, None]
         boxes = torch.where(active[:, None], valid_boxes(boxes + update, image_size), boxes)
         # The new score and its gradient come from one forward/backward: the gradient is the
         # next step's, so each step costs one evaluation.
