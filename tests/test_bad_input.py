@@ -32,8 +32,8 @@ from workbench.data.images import decode_image
 from workbench.data.validate import load_results
 from workbench.models import StandaloneIoUNet, build_detector
 from workbench.models.iou_net import IoUHead
-from workbench.ops import (PrRoIPool, batched_iou_guided_nms, batched_nms, batched_soft_nms, box_iou, iou_guided_nms,
-                           nms, prroi_pool, soft_nms)
+from workbench.ops import (PrRoIPool, batched_iou_guided_nms, batched_nms, batched_soft_nms, box_area, box_iou,
+                           iou_guided_nms, nms, prroi_pool, soft_nms)
 from workbench.pipeline import PipelineOutput, PipelineSettings, run_pipeline
 from workbench.refine import MIN_BOX_SIZE, optimize_boxes
 from workbench.reproduce import ReproduceOptions, _cached_pipeline, _config, reproduce, trained
@@ -497,7 +497,8 @@ def test_soft_nms_sigma_and_prroi_module_scale_are_checked_early():
 
 MODERATE = [0.0, 1.0, 2.5, 7.0, 10.0, -3.0, 3.25, 40.0]
 SPECIAL = [float("nan"), float("inf"), -float("inf")]
-SCALES = [1.0, 1.0, 1.0, 100.0, 100.0, 6e4, 1e30, -1e30]  # large: float16 areas overflow past 65504; huge: float32 past 3.4e38
+# Value scales: 100 makes float16 areas overflow (past 65504), 6e4 float16 coordinates, 1e30 float32 areas.
+SCALES = [1.0, 1.0, 1.0, 100.0, 100.0, 6e4, 1e30, -1e30]
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64, torch.bool]
 FLOATS = DTYPES[:4]
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -542,7 +543,8 @@ def detections(draw) -> dict:
     return d
 
 
-NUMBERS = st.sampled_from([0.0, 0.3, 0.5, 0.7, 1.0, 0.3, 0.5, 1.5, -0.2, float("nan"), float("inf"), True, "0.5", None, 2])
+NUMBERS = st.sampled_from([0.0, 0.3, 0.5, 0.7, 1.0, 0.3, 0.5, 1.5, -0.2, 2,
+                           float("nan"), float("inf"), True, "0.5", None])
 
 
 def _named(error: Exception, names: tuple[str, ...]) -> None:
@@ -568,6 +570,17 @@ def test_fuzz_box_iou(a, b):
         torch.testing.assert_close(ours.float(), theirs.float(), atol=1e-2, rtol=1e-2, equal_nan=True)
     else:
         torch.testing.assert_close(ours, theirs, atol=0, rtol=0, equal_nan=True)
+
+
+@FUZZ
+@given(boxes=tensors())
+def test_fuzz_box_area(boxes):
+    try:
+        ours = box_area(boxes)
+    except Exception as e:
+        _named(e, ("boxes",))
+        return
+    torch.testing.assert_close(ours, torchvision.ops.box_area(boxes), atol=0, rtol=0)
 
 
 @FUZZ

@@ -12,11 +12,19 @@ def box_area(boxes: Tensor) -> Tensor:
     """Area ``(x1 - x0) * (y1 - y0)`` of each box.
 
     Args:
-        boxes (Tensor[N, 4]): ``(x0, y0, x1, y1)``.
+        boxes (Tensor[N, 4]): ``(x0, y0, x1, y1)``, floating point, finite.
 
     Returns:
-        Tensor[N]: areas, negative for inverted boxes (as ``torchvision.ops.box_area``).
+        Tensor[N]: areas, negative for inverted boxes (as ``torchvision.ops.box_area``); float32
+        for float16 and bfloat16 boxes, as torchvision's (a 300 px box's area overflows float16).
     """
+    boxes = check_boxes("boxes", boxes)
+    if boxes.dtype in (torch.float16, torch.bfloat16):
+        boxes = boxes.float()
+    return _area(boxes)
+
+
+def _area(boxes: Tensor) -> Tensor:
     return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
 
 
@@ -33,8 +41,8 @@ def pairwise_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
         dtype = torch.promote_types(boxes1.dtype, boxes2.dtype)
         compute = torch.promote_types(dtype, torch.float32)
         return pairwise_iou(boxes1.to(compute), boxes2.to(compute)).to(dtype)
-    area1 = box_area(boxes1)
-    area2 = box_area(boxes2)
+    area1 = _area(boxes1)
+    area2 = _area(boxes2)
     lt = torch.max(boxes1[:, None, :2], boxes2[None, :, :2])
     rb = torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:])
     wh = (rb - lt).clamp(min=0)
