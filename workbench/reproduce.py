@@ -70,11 +70,16 @@ def data_fingerprint(cfg: TrainConfig, hash_cache: str | os.PathLike | None = No
     return fingerprint(hash_cache) if callable(fingerprint) else ""
 
 
-def _config(opts: ReproduceOptions, kind: str, extra: list[str] = ()) -> TrainConfig:
+def _config(opts: ReproduceOptions, kind: str, extra: list[str] = (), seen: dict[str, str] | None = None) -> TrainConfig:
+    """``kind``'s config with its run folder; ``seen`` (data section -> fingerprint) spares reading the
+    same data again for the next kind (e.g. MS-COCO's 860k annotations)."""
     cfg = get_config(opts.preset, kind, [*opts.overrides, *extra], iterations=opts.iterations.get(kind))
     # The run folder names the config and the data's content, so changed data trains a new model.
-    data = data_fingerprint(cfg, _hash_cache(opts))
-    key = hashlib.sha256(f"{cfg.fingerprint()}/{data}".encode()).hexdigest()[:16]
+    section = json.dumps(cfg.to_dict()["data"], sort_keys=True)
+    seen = {} if seen is None else seen
+    if section not in seen:
+        seen[section] = data_fingerprint(cfg, _hash_cache(opts))
+    key = hashlib.sha256(f"{cfg.fingerprint()}/{seen[section]}".encode()).hexdigest()[:16]
     cfg.out_dir = str(Path(opts.runs_dir) / f"{opts.preset}-{kind}-{key}")
     return cfg
 
@@ -128,11 +133,13 @@ class Stages:
 
 def stages(opts: ReproduceOptions) -> Stages:
     """The training configs of ``reproduce(opts)``, in training order, and its validation config."""
-    det = _config(opts, "detector")
+    seen: dict[str, str] = {}  # every kind trains on the same data: fingerprint it once
+    det = _config(opts, "detector", seen=seen)
     # The IoU-Net starts from the detector's final checkpoint, which trained() leaves at <out_dir>/ckpt.pt.
-    configs = {"detector": det, "iou": _config(opts, "iou", [f"model.detector_checkpoint={Path(det.out_dir) / 'ckpt.pt'}"])}
+    configs = {"detector": det, "iou": _config(opts, "iou", [f"model.detector_checkpoint={Path(det.out_dir) / 'ckpt.pt'}"],
+                                               seen)}
     if opts.joint:
-        configs["joint"] = _config(opts, "joint")
+        configs["joint"] = _config(opts, "joint", seen=seen)
     return Stages(train=configs, val=apply_overrides(det, ["data.split=val", *opts.val_overrides]))
 
 
