@@ -107,7 +107,9 @@ def trained(cfg: TrainConfig) -> Path:
     """
     ckpt = Path(cfg.out_dir) / "ckpt.pt"
     with _lock(Path(cfg.out_dir), f"training {cfg.model.kind} into {cfg.out_dir}"):
-        if is_trained(cfg):
+        # Under torchrun only rank 0 locks; this collective gives every rank its view from under the
+        # lock, so all ranks reuse or all train.
+        if distributed.any_rank(distributed.setup("auto"), is_trained(cfg)):
             print(f"reusing {ckpt} ({cfg.model.kind}, {cfg.iterations} iterations)")
             return ckpt
         return train(cfg, resume=True)
@@ -166,17 +168,25 @@ def _pipeline_key(checkpoints: list[Path], settings: PipelineSettings, data: dic
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _read_cache(path: Path) -> PipelineOutput | None:
+    if not path.exists():
+        return None
+    try:
+        out = torch.load(path, weights_only=False)
+    except Exception as e:  # a damaged cache costs a recomputation, never a wrong report
+        print(f"{path}: cached pipeline output cannot be read ({type(e).__name__}: {e}); recomputing it", file=sys.stderr)
+        return None
+    print(f"reusing pipeline output {path}")
+    return out
+
+
 def _cached_pipeline(path: Path, compute) -> PipelineOutput | None:
     """The pipeline output cached at ``path``, computed (under the file's lock) when missing or unreadable."""
     with _lock(path, f"running the pipeline into {path}"):
-        if path.exists():
-            try:
-                out = torch.load(path, weights_only=False)
-                print(f"reusing pipeline output {path}")
-                return out
-            except Exception as e:  # a damaged cache costs a recomputation, never a wrong report
-                print(f"{path}: cached pipeline output cannot be read ({type(e).__name__}: {e}); recomputing it",
-                      file=sys.stderr)
+        out = _read_cache(path)
+        # All ranks recompute if one cannot read the cache (the pipeline is a collective).
+        if not distributed.any_rank(distributed.setup("auto"), out is None):
+            return out
         out = compute()
         if out is not None:  # rank 0
             with atomic_write(path) as f:
