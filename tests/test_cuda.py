@@ -86,8 +86,8 @@ def test_low_precision_forward_and_backward(dtype):
     # far below that resolution.
     features, rois = _inputs(torch.float32, min_size=2.0)
     features, rois = features.to(dtype), rois.to(dtype)
-    f = features.cuda().requires_grad_(True)
-    r = rois.cuda().requires_grad_(True)
+    f = features.cuda().clone().requires_grad_(True)
+    r = rois.cuda().clone().requires_grad_(True)
     out = prroi_pool(f, r, 7)
     assert out.dtype == dtype
     out.float().square().sum().backward()
