@@ -58,7 +58,8 @@ step() {  # step SECONDS NAME COMMAND...: run with a limit, log to the test log,
 }
 
 # 1. Tests: the CUDA kernels, the emulation and the wheel, the ops with their CUDA cases, and
-#    the pipeline/notebook-layer tests that take the CUDA path when a GPU is present.
+#    the pipeline, refinement and model tests, which take the CUDA path when a GPU is present
+#    (the notebook tests need nbclient and a browser, which the GPU image lacks).
 step 260 tests "$PY" -m pytest -q -rs -p no:cacheprovider -n 8 \
     tests/test_cuda.py tests/test_kernels.py tests/test_nms.py tests/test_prroi_pool.py tests/test_pipeline.py \
     tests/test_refine.py tests/test_models.py
