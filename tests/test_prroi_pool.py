@@ -20,6 +20,12 @@ prroi_module = importlib.import_module("workbench.ops.prroi_pool")
 OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "reference" / "prroi_official"
 
 
+@pytest.fixture(params=["windows", "whole map"])
+def both_cpu_paths(request, monkeypatch):
+    """Run a test through each CPU formulation: gathered windows only, or weights over the whole map only."""
+    monkeypatch.setattr(prroi_module, "_DENSE_FRACTION", 0 if request.param == "windows" else 1 << 60)
+
+
 # ---------------------------------------------------------------------------------------------
 # Oracle: straight from Eq. 2 and the official conventions, sharing nothing with the production
 # code. f is bilinear on every unit cell, and the midpoint rule integrates a bilinear function
@@ -74,6 +80,7 @@ def _random_rois(gen: np.random.Generator, n: int, batch: int, lo: float, hi: fl
     return np.stack([gen.integers(0, batch, n), x0, y0, x0 + w, y0 + h], 1)
 
 
+@pytest.mark.usefixtures("both_cpu_paths")
 # ---------------------------------------------------------------------------------------------
 # The official implementation's recorded outputs.
 # ---------------------------------------------------------------------------------------------
@@ -108,6 +115,7 @@ CASES = {
 }
 
 
+@pytest.mark.usefixtures("both_cpu_paths")
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_agrees_with_float64_oracle(case):
     (lo, hi), size, output_size, scale = CASES[case]
@@ -127,6 +135,7 @@ def test_agrees_with_float64_oracle(case):
     np.testing.assert_allclose(got32, oracle(f32, r32, ph, pw, scale), atol=atol, rtol=1e-4)
 
 
+@pytest.mark.usefixtures("both_cpu_paths")
 def test_wholly_off_map_is_zero_and_zero_size_or_inverted_boxes_give_zero_without_gradient():
     features = torch.randn(1, 3, 8, 8, dtype=torch.float64, requires_grad=True)
     rois = torch.tensor(
@@ -152,6 +161,7 @@ def test_constant_map_pools_to_constant_inside_and_fades_outside():
     assert out[1].item() == pytest.approx(1.5, abs=1e-12)
 
 
+@pytest.mark.usefixtures("both_cpu_paths")
 def test_several_batch_images_read_their_own_map():
     features = torch.zeros(3, 1, 6, 6, dtype=torch.float64)
     features[1] = 1.0
@@ -198,6 +208,7 @@ def _off_knot_rois(gen, n, batch, scale):
     return torch.tensor(rois, dtype=torch.float64)
 
 
+@pytest.mark.usefixtures("both_cpu_paths")
 def test_gradcheck_features_and_coordinates():
     gen = np.random.default_rng(11)
     features = torch.tensor(gen.normal(size=(2, 2, 9, 8)), requires_grad=True)
@@ -210,6 +221,7 @@ def test_gradcheck_features_and_coordinates():
     assert torch.autograd.gradcheck(pool, (features, coords), eps=1e-6, atol=1e-6)
 
 
+@pytest.mark.usefixtures("both_cpu_paths")
 def test_coordinate_gradient_matches_finite_differences_of_oracle():
     gen = np.random.default_rng(12)
     features = gen.normal(size=(1, 2, 10, 10))
@@ -246,6 +258,7 @@ def test_module_matches_functional_and_low_precision_is_close():
         torch.testing.assert_close(low.float(), ref, atol=tol, rtol=tol)
 
 
+@pytest.mark.usefixtures("both_cpu_paths")
 def test_empty_rois():
     features = torch.randn(1, 4, 5, 5, requires_grad=True)
     out = prroi_pool(features, torch.zeros(0, 5), 3)

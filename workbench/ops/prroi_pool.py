@@ -36,6 +36,10 @@ _WINDOW_BUDGET = 1 << 24
 # RoIs per chunk at most: large enough to amortize per-chunk overhead, small enough that sorting
 # by size keeps the windows of a chunk alike.
 _MAX_CHUNK = 128
+# A chunk whose windows cover more than 1/_DENSE_FRACTION of the map pools with weights over the
+# whole map (two matrix products) instead of gathering windows: for boxes large against their
+# map, gathering every window costs more than the few wasted multiplications by zero weights.
+_DENSE_FRACTION = 4
 
 _THREADS = 256
 
@@ -91,7 +95,7 @@ def _tri_antiderivative(t: Tensor) -> Tensor:
     return torch.where(t <= 0, 0.5 * (t + 1) ** 2, 0.5 + t - 0.5 * t * t)
 
 
-def _axis_weights(start: Tensor, length: Tensor, bins: int, size: int) -> tuple[Tensor, Tensor]:
+def _axis_weights(start: Tensor, length: Tensor, bins: int, size: int, whole: bool = False) -> tuple[Tensor, Tensor]:
     """Per-bin interpolation weights along one axis, restricted to a window of samples.
 
     Args:
@@ -99,6 +103,7 @@ def _axis_weights(start: Tensor, length: Tensor, bins: int, size: int) -> tuple[
         length (Tensor[K]): extent of each RoI, already clamped at 0.
         bins: number of bins on this axis.
         size: number of samples of the feature map on this axis.
+        whole: the window is the whole axis, ``S = size``, for every RoI.
 
     Returns:
         (Tensor[K, bins, S], Tensor[K, S] int64): weights and the sample indices of each RoI's
@@ -106,9 +111,12 @@ def _axis_weights(start: Tensor, length: Tensor, bins: int, size: int) -> tuple[
         is wide enough for the largest RoI; entries past the map get weight 0.
     """
     end = start + length
-    lo = start.detach().floor().clamp(0, size - 1).long()
-    hi = end.detach().ceil().clamp(0, size - 1).long()
-    span = int((hi - lo).max()) + 1 if start.numel() else 1
+    if whole:
+        lo, span = torch.zeros(start.shape, dtype=torch.long, device=start.device), size
+    else:
+        lo = start.detach().floor().clamp(0, size - 1).long()
+        hi = end.detach().ceil().clamp(0, size - 1).long()
+        span = int((hi - lo).max()) + 1 if start.numel() else 1
     index = lo[:, None] + torch.arange(span, device=start.device)  # (K, S)
     inside = index < size
     edges = start[:, None] + length[:, None] / bins * torch.arange(bins + 1, device=start.device, dtype=start.dtype)
@@ -130,6 +138,25 @@ def _prroi_pool_chunk(table: Tensor, shape: torch.Size, rois: Tensor, ph: int, p
     window = table.index_select(0, flat.reshape(-1)).view(*flat.shape, table.shape[1])  # (K, Sy, Sx, C)
     partial = torch.einsum("kpi,kijc->kpjc", wy, window)  # (K, PH, Sx, C)
     integral = torch.einsum("kpjc,kqj->kcpq", partial, wx)  # (K, C, PH, PW)
+    return _bin_means(integral, w, h, ph, pw)
+
+
+def _prroi_pool_whole(features: Tensor, rois: Tensor, ph: int, pw: int, spatial_scale: float) -> Tensor:
+    """PrRoIPool of RoIs of one image with weights over the whole map: ``Wy · F · Wxᵀ`` as two matrix products."""
+    _, channels, height, width = features.shape
+    x0, y0, x1, y1 = (rois[:, 1:] * spatial_scale).unbind(1)
+    w = (x1 - x0).clamp(min=0)
+    h = (y1 - y0).clamp(min=0)
+    wy, _ = _axis_weights(y0, h, ph, height, whole=True)  # (K, PH, H)
+    wx, _ = _axis_weights(x0, w, pw, width, whole=True)  # (K, PW, W)
+    rows = features[int(rois[0, 0])].transpose(0, 1).reshape(height, channels * width)  # (H, C*W)
+    partial = (wy.reshape(-1, height) @ rows).view(len(rois), ph * channels, width)  # (K, PH*C, W)
+    integral = torch.bmm(partial, wx.transpose(1, 2)).view(len(rois), ph, channels, pw).transpose(1, 2)
+    return _bin_means(integral, w, h, ph, pw)
+
+
+def _bin_means(integral: Tensor, w: Tensor, h: Tensor, ph: int, pw: int) -> Tensor:
+    """Bin integrals ``(K, C, PH, PW)`` divided by the bin areas of RoIs of extents ``w`` x ``h``."""
     area = (w / pw) * (h / ph)
     # Dividing by a substitute area of 1 keeps zero-area bins at exactly 0 with a zero gradient.
     nonempty = area > 0
@@ -141,28 +168,44 @@ def _prroi_pool_cpu(features: Tensor, rois: Tensor, ph: int, pw: int, spatial_sc
     """The reference path: pure PyTorch, differentiable by autograd, any device.
 
     Each RoI reads a window of samples as large as the largest RoI in its chunk, so RoIs are
-    sorted by window size and chunked: similar sizes share a chunk, and a chunk's gathered
-    window stays under ``_WINDOW_BUDGET`` elements.
+    sorted by image and window size and chunked: similar sizes share a chunk, and a chunk's
+    gathered window stays under ``_WINDOW_BUDGET`` elements. A chunk whose windows cover much of
+    the map uses weights over the whole map instead (:func:`_prroi_pool_whole`).
     """
     _, channels, height, width = features.shape
     # Channels-last rows, so that each gathered sample is one contiguous C-vector and the
-    # backward is an index_add of rows.
-    table = features.permute(0, 2, 3, 1).reshape(-1, channels)  # (N*H*W, C)
+    # backward is an index_add of rows. Made on the first windowed chunk: a copy of the map.
+    table = None
     if rois.shape[0] == 0:
         # Still through the graph, so the (empty) gradient reaches ``features`` as zeros.
-        return _prroi_pool_chunk(table, features.shape, rois, ph, pw, spatial_scale)
+        return _prroi_pool_chunk(features.permute(0, 2, 3, 1).reshape(-1, channels), features.shape, rois, ph, pw,
+                                 spatial_scale)
     scaled = rois[:, 1:].detach() * spatial_scale
     rows = ((scaled[:, 3] - scaled[:, 1]).clamp(min=0) + 3).clamp(max=height)
     cols = ((scaled[:, 2] - scaled[:, 0]).clamp(min=0) + 3).clamp(max=width)
     window = (rows * cols * channels).tolist()
-    order = sorted(range(len(window)), key=window.__getitem__)
+    # By image, then by window size: a chunk pooled over the whole map must hold one image.
+    images = rois[:, 0].tolist()
+    order = sorted(range(len(window)), key=lambda i: (images[i], window[i]))
+    whole_map = height * width * channels
     outputs, start = [], 0
     while start < len(order):
+        image = images[order[start]]
+        end = min(start + _MAX_CHUNK, len(order))
+        while images[order[end - 1]] != image:
+            end -= 1
         # The window at the chunk's furthest possible end bounds every window inside it.
-        bound = window[order[min(start + _MAX_CHUNK, len(order)) - 1]]
-        size = int(min(_MAX_CHUNK, max(1, _WINDOW_BUDGET // bound)))
+        bound = window[order[end - 1]]
+        whole = bound * _DENSE_FRACTION > whole_map
+        per_roi = max(ph, pw) * max(height, width) * channels if whole else bound
+        size = int(min(end - start, max(1, _WINDOW_BUDGET // per_roi)))
         index = torch.tensor(order[start:start + size], device=rois.device)
-        outputs.append(_prroi_pool_chunk(table, features.shape, rois[index], ph, pw, spatial_scale))
+        if whole:
+            outputs.append(_prroi_pool_whole(features, rois[index], ph, pw, spatial_scale))
+        else:
+            if table is None:
+                table = features.permute(0, 2, 3, 1).reshape(-1, channels)  # (N*H*W, C)
+            outputs.append(_prroi_pool_chunk(table, features.shape, rois[index], ph, pw, spatial_scale))
         start += size
     inverse = torch.empty(len(order), dtype=torch.long, device=rois.device)
     inverse[torch.tensor(order, device=rois.device)] = torch.arange(len(order), device=rois.device)
