@@ -63,14 +63,18 @@ class Refinement:
     stop_reason: Tensor
 
 
-def _score_and_gradient(score_fn: Callable[[Tensor], Tensor], boxes: Tensor) -> tuple[Tensor, Tensor]:
+def _score_and_gradient(score_fn: Callable[[Tensor], Tensor], boxes: Tensor, gradient: bool = True
+                        ) -> tuple[Tensor, Tensor]:
+    """Scores of ``boxes`` and, if ``gradient``, their gradient w.r.t. the boxes (else zeros)."""
     if len(boxes) == 0:  # an image without detections: nothing to score, and no graph to differentiate
         return boxes.new_zeros(0), torch.zeros_like(boxes)
-    with torch.enable_grad():
-        b = boxes.detach().requires_grad_(True)
+    with torch.enable_grad() if gradient else torch.no_grad():
+        b = boxes.detach().requires_grad_(gradient)
         scores = score_fn(b)
         if scores.shape != boxes.shape[:1]:
             raise ValueError(f"score_fn must return one score per box, shape ({len(boxes)},), got {tuple(scores.shape)}")
+        if not gradient:
+            return scores.detach(), torch.zeros_like(boxes)
         # Boxes are scored independently, so the gradient of the sum is each box's own gradient.
         (grad,) = torch.autograd.grad(scores.sum(), b)
     return scores.detach(), grad
@@ -164,8 +168,12 @@ def optimize_boxes(
         update = step_size * box_size_scale(boxes, step_scaling) * grad * active[:, None]
         boxes = torch.where(active[:, None], valid_boxes(boxes + update, image_size), boxes)
         # The new score and its gradient come from one forward/backward: the gradient is the
-        # next step's, so each step costs one evaluation.
-        new, grad = _score_and_gradient(score_fn, boxes)
+        # next step's, so each step costs one evaluation; after the last step, or once every box
+        # has stopped, the gradient is never used, and then the forward alone (or nothing) runs.
+        if active.any():
+            new, grad = _score_and_gradient(score_fn, boxes, gradient=step < iterations)
+        else:
+            new = prev
         new = torch.where(active, new, prev)
         delta = new - prev
         converged = active & (delta.abs() < early_stop)
