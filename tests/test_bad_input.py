@@ -7,6 +7,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -389,6 +390,44 @@ def test_a_lock_says_who_holds_it_and_a_dead_holders_lock_is_taken_over(tmp_path
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.slow
+def test_ranks_agree_under_torchrun_and_keep_the_group_across_trainings(tmp_path):
+    # reproduce under torchrun: its process group must survive each training's teardown (gloo cannot
+    # form a group twice under torchrun), and every rank must take rank 0's locked view.
+    script = tmp_path / "ranks.py"
+    script.write_text(
+        "import sys, torch.distributed as dist\n"
+        "from pathlib import Path\n"
+        "from workbench import distributed\n"
+        "import workbench.reproduce as rep\n"
+        "from workbench.config import get_config\n"
+        "from workbench.train import FORMAT, save_checkpoint\n"
+        "outer = distributed.setup('cpu')\n"
+        "cfg = get_config('shapes', 'detector', [f'out_dir={sys.argv[1]}'], iterations=2)\n"
+        "calls = []\n"
+        "def fake_train(config, resume):\n"
+        "    ctx = distributed.setup('cpu')\n"
+        "    calls.append(1)\n"
+        "    if ctx.is_main:\n"
+        "        save_checkpoint(Path(config.out_dir) / 'ckpt.pt', {'format': FORMAT, 'iteration': config.iterations,\n"
+        "                                                       'fingerprint': config.fingerprint()})\n"
+        "    distributed.teardown(ctx)\n"
+        "    return Path(config.out_dir) / 'ckpt.pt'\n"
+        "rep.train = fake_train\n"
+        "rep.trained(cfg); rep.trained(cfg)\n"
+        "print(f'rank {outer.rank}: trainings {len(calls)}, group {dist.is_initialized()}', flush=True)\n"
+        "distributed.teardown(outer)\n")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                           str(script), str(tmp_path / "run")], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(line for line in proc.stdout.splitlines() if line.startswith("rank")) == [
+        "rank 0: trainings 1, group True", "rank 1: trainings 1, group True"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ class DistContext:
     local_rank: int = 0  # rank on this machine: the GPU index
     world_size: int = 1  # number of processes
     device: torch.device = torch.device("cpu")  # this process's device
+    owns_group: bool = False  # this setup() created the process group, so its teardown() destroys it
 
     @property
     def is_main(self) -> bool:
@@ -54,21 +55,25 @@ def setup(device_preference: str = "auto") -> DistContext:
     device = resolve_device(device_preference, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
+    owns_group = not dist.is_initialized()
+    if owns_group:
         if device.type == "cuda":  # device_id: NCCL binds this GPU now (and barrier knows which to use)
             dist.init_process_group(backend="nccl", device_id=device)
         else:
             dist.init_process_group(backend="gloo")
-    return DistContext(enabled=True, rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+    return DistContext(enabled=True, rank=rank, local_rank=local_rank, world_size=world_size, device=device,
+                       owns_group=owns_group)
 
 
 def teardown(ctx: DistContext, clean: bool = True) -> None:
-    """Wait for every rank (``clean``), then leave the process group. After an error, skip the barrier:
-    the other ranks may never reach it."""
+    """Wait for every rank (``clean``), then leave the process group if ``ctx``'s setup created it (a
+    group cannot be created again under torchrun: a caller's group, e.g. ``reproduce``'s around several
+    trainings, stays). After an error, skip the barrier: the other ranks may never reach it."""
     if ctx.enabled and dist.is_initialized():
         if clean:
             dist.barrier()
-        dist.destroy_process_group()
+        if ctx.owns_group:
+            dist.destroy_process_group()
 
 
 @contextlib.contextmanager
