@@ -41,6 +41,7 @@ FIGURES = ""  # a folder to save the figures in (PNG), or "" for none
 from IPython.display import Markdown, display
 
 from workbench.analysis import localization_correlation, plot_localization_correlation
+from workbench.analysis.claims import paper_claims
 from workbench.analysis.narrative import describe_confidence
 from workbench.analysis.suppression import plot_suppressed_better_boxes, suppressed_better_boxes
 from workbench.results import coco_images, figure_saver, pipeline_results
@@ -91,9 +92,14 @@ pairs[["image_id", "kept_score", "kept_iou", "kept_iou_pred", "better_score", "b
 
 # %% [markdown]
 # ## What the data here shows
+#
+# Every verdict comes from `paper_claims`: our method against its baseline on the same validation
+# images, with a 95% interval for the difference from resampling the images (paired bootstrap). A
+# claim holds only when the interval excludes zero on the paper's side.
 
 # %%
-display(Markdown(describe_confidence(corr, pairs, num_nms=len(results.output.sets["nms"]))))
+verdicts = paper_claims(results.output, results.coco_gt)
+display(Markdown(describe_confidence(corr, pairs, num_nms=len(results.output.sets["nms"]), verdicts=verdicts)))
 
 # %% [markdown]
 # The two coefficients are the paper's Fig. 2 on this data; the gallery is its Fig. 1a, chosen by

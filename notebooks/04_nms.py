@@ -50,6 +50,7 @@ from workbench.analysis import (
     recall_vs_iou,
 )
 from workbench.analysis import paper_numbers as paper
+from workbench.analysis.claims import paper_claims
 from workbench.analysis.experiments import FIG3_SETS, FIG7_SETS, TABLE1_ROWS, select
 from workbench.analysis.narrative import describe_nms
 from workbench.results import coco_images, figure_saver, pipeline_results
@@ -117,11 +118,16 @@ explorer
 
 # %% [markdown]
 # ## What the data here shows
+#
+# Every verdict comes from `paper_claims`: our method against its baseline on the same validation
+# images, with a 95% interval for the difference from resampling the images (paired bootstrap). A
+# claim holds only when the interval excludes zero on the paper's side.
 
 # %%
-display(Markdown(describe_nms(positives, recall, table1)))
+verdicts = paper_claims(results.output, results.coco_gt)
+display(Markdown(describe_nms(positives, recall, table1, verdicts)))
 
 # %% [markdown]
-# Each sentence is computed from the tables above and says whether the paper's claim holds on this data.
-# Where it does not, the explorer shows why box by box: a cluster's best-localized box is kept only if
+# Each number is computed from the tables above, each verdict from its interval. Where a claim does
+# not hold or stays inconclusive, the explorer shows why box by box: a cluster's best-localized box is kept only if
 # the IoU-Net ranks it first, so IoU-guided NMS is only as good as the predictor of notebook 02.

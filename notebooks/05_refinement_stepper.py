@@ -44,6 +44,7 @@ from IPython.display import Markdown, display
 
 from workbench.analysis import ap_per_iteration, ap_table, markdown_table, monotonicity, plot_ap_per_iteration
 from workbench.analysis import paper_numbers as paper
+from workbench.analysis.claims import paper_claims
 from workbench.analysis.experiments import refinement_runs, select, table2_rows
 from workbench.analysis.narrative import describe_refinement
 from workbench.analysis.refinement import refinement_record, refinement_summary
@@ -127,9 +128,14 @@ stepper
 
 # %% [markdown]
 # ## What the data here shows
+#
+# Every verdict comes from `paper_claims`: our method against its baseline on the same validation
+# images, with a 95% interval for the difference from resampling the images (paired bootstrap). A
+# claim holds only when the interval excludes zero on the paper's side.
 
 # %%
-display(Markdown(describe_refinement(per_iteration, mono, table2, trajectories)))
+verdicts = paper_claims(results.output, results.coco_gt)
+display(Markdown(describe_refinement(per_iteration, mono, table2, trajectories, verdicts)))
 
 # %%
 refinement_summary(trajectories)

@@ -35,7 +35,8 @@ import torch
 from matplotlib.figure import Figure
 
 from . import analysis, distributed
-from .analysis import narrative
+from .analysis import diagnostics, narrative
+from .analysis.claims import RULE, paper_claims, sentences, verdict_text, write_index
 from .analysis import paper_numbers as paper
 from .analysis.experiments import FIG3_SETS, FIG7_SETS, TABLE1_ROWS, TABLE3_ROWS, refinement_runs, select, table2_rows
 from .config import TrainConfig, apply_overrides, get_config
@@ -288,6 +289,11 @@ def write_report(output: PipelineOutput, coco_gt, out: Path, title: str, device:
              "(MS-COCO minival, ResNet-50 FPN). AP is COCO AP@[.5:.95]; APxx from COCOeval's precision array.", ""]
     numbers: dict = {}
 
+    # Every verdict below comes from one paired bootstrap over the validation images (analysis.claims).
+    verdicts = paper_claims(output, coco_gt)
+    numbers["claims"], numbers["fig4"] = verdicts.records(), verdicts.fig4
+    lines += ["## The paper's claims on this data", "", RULE, "", sentences(list(verdicts.claims.values())), ""]
+
     # Fig. 2: localization vs classification confidence.
     corr = analysis.localization_correlation(s["raw"], coco_gt)
     _save_figure(analysis.plot_localization_correlation(corr), out, "fig2_iou_vs_confidence")
@@ -297,14 +303,14 @@ def write_report(output: PipelineOutput, coco_gt, out: Path, title: str, device:
               f"Pearson r with the true IoU, detections with IoU > 0.5 before NMS ({len(corr.matched)} boxes): "
               f"classification score {corr.r_score:.3f} (*paper* {paper.FIG2_PEARSON['classification']}), "
               f"predicted IoU {corr.r_iou_pred:.3f} (*paper* {paper.FIG2_PEARSON['iou_pred']}). "
-              + narrative.fig2_claims(corr), ""]
+              + verdict_text(verdicts, "Fig. 2"), ""]
 
     # Fig. 3: positives per IoU bin.
     positives = analysis.positives_per_iou_bin(select(s, FIG3_SETS), coco_gt)
     _save_figure(analysis.plot_positives_per_iou_bin(positives), out, "fig3_positives_per_iou")
     _save_table(positives, out, "fig3_positives_per_iou", positives.to_markdown())
     lines += ["## Fig. 3: positive boxes after NMS, by IoU with the ground truth", "",
-              "![](fig3_positives_per_iou.png)", "", positives.to_markdown(), "", narrative.fig3_claims(positives), ""]
+              "![](fig3_positives_per_iou.png)", "", positives.to_markdown(), "", verdict_text(verdicts, "Fig. 3"), ""]
 
     # Fig. 7: recall vs IoU threshold.
     recall = analysis.recall_vs_iou(select(s, FIG7_SETS), coco_gt)
@@ -316,17 +322,17 @@ def write_report(output: PipelineOutput, coco_gt, out: Path, title: str, device:
               recall.to_markdown(floatfmt=".3f"), "",
               f"Recall at IoU 0.9: No-NMS {r09['No-NMS']:.3f}, NMS {r09['NMS']:.3f}, IoU-NMS {r09['IoU-NMS']:.3f} "
               f"(*paper* {paper.FIG7_RECALL_AT_09['No-NMS']}, {paper.FIG7_RECALL_AT_09['NMS']}, "
-              f"{paper.FIG7_RECALL_AT_09['IoU-NMS']}). " + narrative.fig7_claims(recall), ""]
+              f"{paper.FIG7_RECALL_AT_09['IoU-NMS']}). " + verdict_text(verdicts, "Fig. 7"), ""]
 
     # Table 1: NMS variants.
     t1, md1 = _ap_table(select(s, TABLE1_ROWS), coco_gt, paper.TABLE1_NMS, out, "table1_nms")
     numbers["table1"] = t1.to_dict("index")
-    lines += ["## Table 1: NMS, Soft-NMS and IoU-guided NMS", "", md1, "", narrative.table1_claims(t1), ""]
+    lines += ["## Table 1: NMS, Soft-NMS and IoU-guided NMS", "", md1, "", verdict_text(verdicts, "Table 1"), ""]
 
     # Table 2: refinement.
     t2, md2 = _ap_table(select(s, table2_rows(s)), coco_gt, paper.TABLE2_REFINEMENT, out, "table2_refinement")
     numbers["table2"] = t2.to_dict("index")
-    lines += ["## Table 2: optimization-based refinement", "", md2, "", narrative.table2_claims(t2), ""]
+    lines += ["## Table 2: optimization-based refinement", "", md2, "", verdict_text(verdicts, "Table 2"), ""]
 
     # Fig. 4: AP per iteration.
     per_iter = analysis.ap_per_iteration(refinement_runs(output), coco_gt)
@@ -334,7 +340,7 @@ def write_report(output: PipelineOutput, coco_gt, out: Path, title: str, device:
     mono = analysis.monotonicity(per_iter)
     _save_table(per_iter, out, "fig4_ap_per_iteration", per_iter.to_markdown(floatfmt=".4f"))
     lines += ["## Fig. 4: AP per refinement iteration", "", "![](fig4_ap_per_iteration.png)", "",
-              mono.to_markdown(floatfmt=".4f"), "", narrative.fig4_claims(mono), ""]
+              mono.to_markdown(floatfmt=".4f"), "", verdict_text(verdicts, "Fig. 4"), ""]
 
     # Fig. 6: the three poolings on one bin.
     pooling = analysis.compare_pooling(*analysis.example_feature_map())
@@ -347,7 +353,7 @@ def write_report(output: PipelineOutput, coco_gt, out: Path, title: str, device:
         numbers["table3"] = t3.to_dict("index")
         lines += ["## Table 3: joint training", "",
                   "Row names follow the paper's; here the backbone is the preset's (MobileNetV2-FPN on the "
-                  "embedded data).", "", md3, "", narrative.table3_claims(t3), ""]
+                  "embedded data).", "", md3, "", verdict_text(verdicts, "Table 3"), ""]
 
     # Table 4: time per image.
     t4 = analysis.timing_table(analysis.mean_seconds(output))
@@ -356,7 +362,12 @@ def write_report(output: PipelineOutput, coco_gt, out: Path, title: str, device:
     lines += [f"## Table 4: time per image on {device}", "", t4.to_markdown(floatfmt=".4f"), "",
               f"*paper* (Titan X GPU, ResNet-50 FPN, 800 px): FPN {paper.TABLE4_SECONDS_PER_IMAGE['FPN']} s, "
               f"IoU-Net {paper.TABLE4_SECONDS_PER_IMAGE['IoU-Net']} s per image.", "",
-              speed.to_markdown(floatfmt=".3f"), "", narrative.table4_claims(speed), ""]
+              speed.to_markdown(floatfmt=".3f"), "", narrative.table4_speed(speed), ""]
+
+    figures, section, numbers["diagnostics"] = diagnostics.report_section(corr.matched, output.trajectories)
+    for name, fig in figures.items():
+        _save_figure(fig, out, name)
+    lines += section
 
     if output.trajectories is not None:
         output.trajectories.save(out / "trajectories.npz")
@@ -384,6 +395,9 @@ def reproduce(opts: ReproduceOptions) -> Path | None:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     with _lock(out, f"writing the report {out}"):
         numbers = write_report(output, val.coco, out, opts.preset, device_name)
+    # reports/index.md: every claim, one column per dataset reported so far (make run: both datasets).
+    with _lock(out.parent / "index.md", "writing the claims index"):
+        write_index(out.parent)
     elapsed = time.perf_counter() - start
     print(f"wrote {out}/report.md in {elapsed:.0f} s")
     print(json.dumps({k: v for k, v in numbers.items() if not k.startswith("table")}, indent=1, default=float))

@@ -37,6 +37,11 @@ if TYPE_CHECKING:  # the pipeline (models, training) is heavy to import; only it
 
 HOLDS, DOES_NOT_HOLD, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
 VERDICTS = (HOLDS, DOES_NOT_HOLD, INCONCLUSIVE)
+RULE = (f"Each claim compares our method with its baseline on the same validation images; the 95% interval of the "
+        f"difference comes from resampling the images ({REPLICATES} paired bootstrap replicates). A claim holds only when "
+        f"the interval excludes zero on the paper's side, does not hold when it excludes zero on the other side, and is "
+        f"inconclusive otherwise.")
+"""The rule :func:`judge` applies, in words, for the reports."""
 
 
 def judge(ci95: Sequence[float], direction: int = 1) -> str:
@@ -300,6 +305,19 @@ def sentences(claims: Sequence[Claim | Mapping[str, Any]]) -> str:
     return "\n".join(f"* {sentence(c)}" for c in claims)
 
 
+FIGURE_CLAIMS = {
+    "Fig. 2": ("fig2-pearson",), "Fig. 3": ("fig3-positives",), "Fig. 7": ("fig7-recall",),
+    "Table 1": ("iou-nms-ap90", "iou-nms-ap", "iou-nms-ap50"), "Table 2": ("refine-ap", "refine-ap90"),
+    "Fig. 4": ("fig4-monotonic", "fig4-vs-regression"), "Table 3": ("joint-ap", "joint-refine-ap"),
+}
+"""The paper's figure or table -> the keys of :func:`claim_specs` it supports, in reading order."""
+
+
+def verdict_text(result: ClaimsResult, figure: str) -> str:
+    """The :func:`sentence` of every claim of ``figure`` (a key of :data:`FIGURE_CLAIMS`) judged in ``result``."""
+    return " ".join(sentence(result.claims[key]) for key in FIGURE_CLAIMS[figure] if key in result.claims)
+
+
 # --- reports/index.md: every claim, one column per dataset ---------------------------------------------
 
 _EVERY_SET = {"raw": 0, **{n: 0 for n in (*TABLE1_ROWS.values(), *TABLE3_ROWS.values())}, "nms+refine/1": 0, "nms+regress/1": 0}
@@ -333,9 +351,8 @@ def index_markdown(numbers: Mapping[str, Mapping[str, Any]]) -> str:
     datasets = sorted(numbers, key=lambda d: (DATASET_ORDER.index(d) if d in DATASET_ORDER else len(DATASET_ORDER), d))
     by_claim = {d: {r["claim"]: r for r in numbers[d].get("claims", [])} for d in datasets}
     lines = ["# IoU-Net claims across datasets", "",
-             "Each cell: ours vs baseline, the difference with its 95% paired-bootstrap interval over validation images, and "
-             "the verdict (holds only when the interval excludes zero on the paper's side). AP in percent; the paper's "
-             "numbers are MS-COCO minival with ResNet-50 FPN.", "",
+             "Each cell: ours vs baseline, the difference and its 95% interval, the verdict. " + RULE + " AP in percent; "
+             "the paper's numbers are MS-COCO minival with ResNet-50 FPN.", "",
              "| Claim | Metric | Paper | " + " | ".join(datasets) + " |",
              "| --- | --- | --- | " + " | ".join("---" for _ in datasets) + " |"]
     for spec in claim_specs(_EVERY_SET):

@@ -292,3 +292,44 @@ def plot_stop_reasons(table: pd.DataFrame) -> Figure:
     style_axes(ax, xlabel="steps taken", ylabel="boxes", title="when and why Algorithm 2 stopped")
     ax.legend(fontsize=8)
     return fig
+
+
+# --- the report's section -----------------------------------------------------------------------------
+
+
+def report_section(matched: pd.DataFrame, record: Trajectories | None) -> tuple[dict[str, Figure], list[str], dict]:
+    """The diagnostics of one run for ``report.md``: figures by file name, Markdown lines, headline numbers.
+
+    Args:
+        matched: detections before NMS with ``gt_id``, ``iou``, ``iou_pred`` and ``score`` (the
+            ``matched`` frame of :func:`workbench.analysis.localization_correlation`).
+        record: the refinement record (``None``: the refinement parts are left out).
+    """
+    has_pred = matched[matched["iou_pred"].notna()] if "iou_pred" in matched else matched.iloc[:0].assign(iou_pred=[])
+    cal = calibration(has_pred["iou"], has_pred["iou_pred"].astype(np.float64))
+    ranking = ranking_accuracy(has_pred)
+    figures = {"diag_calibration": plot_calibration(cal), "diag_ranking": plot_ranking_accuracy(ranking)}
+    numbers = {"calibration_slope": cal.slope, "spread_ratio": cal.spread_ratio,
+               "ranking_accuracy": {c: float(ranking.loc["all pairs", c]) for c in ("iou_pred", "score")}}
+    lines = ["## Diagnostics: why the claims come out as they do", "",
+             "![](diag_calibration.png) ![](diag_ranking.png)", "",
+             f"**Calibration** (same detections as Fig. 2): regressing the true IoU on the predicted IoU gives slope "
+             f"{cal.slope:.2f} (1 for predictions that spread like the truth; above 1 when squeezed together), and the "
+             f"predictions spread {cal.spread_ratio:.2f} times as widely as the true IoUs.", "",
+             f"**Ranking within an object**: of {ranking.loc['all pairs', 'pairs']} pairs of detections of the same object, the "
+             f"predicted IoU orders {ranking.loc['all pairs', 'iou_pred']:.2f} correctly, the classification score "
+             f"{ranking.loc['all pairs', 'score']:.2f} (0.5 is a coin flip); IoU-guided NMS makes exactly this choice.", "",
+             ranking.to_markdown(floatfmt=".3f"), ""]
+    if record is not None and len(record) and record.gradient.shape[1]:
+        alignment = record_gradient_alignment(record)
+        by_size, stops = gain_by_size(record), stop_reasons(record)
+        figures |= {"diag_gradient_alignment": plot_gradient_alignment(alignment), "diag_gain_by_size": plot_gain_by_size(by_size),
+                    "diag_stop_reasons": plot_stop_reasons(stops)}
+        cosine = alignment["cosine"].dropna()
+        numbers["gradient_cosine_median"] = float(cosine.median()) if len(cosine) else float("nan")
+        lines += ["![](diag_gradient_alignment.png) ![](diag_gain_by_size.png) ![](diag_stop_reasons.png)", "",
+                  f"**Gradient alignment**: at the first refinement step the predictor's box gradient points within a median "
+                  f"cosine of {numbers['gradient_cosine_median']:.2f} of the true IoU's gradient ({len(cosine)} boxes; 1 is "
+                  "exactly towards the object).", "", "**Refinement gain by object size**:", "", by_size.to_markdown(floatfmt=".4f"), "",
+                  "**Stop reasons** (boxes per steps taken):", "", stops.to_markdown(), ""]
+    return figures, lines, numbers

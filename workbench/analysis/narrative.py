@@ -1,13 +1,9 @@
-"""What the numbers say, in sentences: whether each of the paper's claims holds on the data here.
+"""What the numbers say, in sentences: each notebook's closing summary and the speed comparison.
 
-``report.md`` (:func:`workbench.reproduce.write_report`) and the notebooks print the same claim
-sentences, built here from the same tables, so the two can never disagree. A ``*_claims`` function
-judges one figure or table; a ``describe_*`` function is the closing summary of one notebook (its
-numbers, then the claim sentences).
-
-The judgement itself is the plain comparison of our two numbers (``holds``); it lives only in this
-module so that a better judge (e.g. one that asks whether a difference exceeds its noise) replaces it
-in one place.
+``report.md`` (:func:`workbench.reproduce.write_report`) and the notebooks print the same sentences.
+Whether one of the paper's claims holds is never decided here: every verdict is the one
+:func:`workbench.analysis.claims.judge` gave from a paired bootstrap, and its sentence is
+:func:`workbench.analysis.claims.verdict_text`'s, so a verdict is written in exactly one place.
 """
 
 from __future__ import annotations
@@ -18,15 +14,11 @@ import pandas as pd
 from workbench.trajectories import Trajectories
 
 from . import paper_numbers as paper
+from .claims import ClaimsResult, verdict_text
 from .correlation import LocalizationCorrelation, pearson
 from .experiments import TABLE1_ROWS, TABLE3_ROWS
 from .pooling import PoolingComparison
 from .recall import recall_at
-
-
-def holds(flag: bool | None) -> str:
-    """The verdict words: ``None`` when the numbers cannot decide (e.g. a coefficient is undefined)."""
-    return "**holds here**" if flag else ("**cannot be judged here**" if flag is None else "**does not hold here**")
 
 
 def fmt(value: float | None, digits: int = 3) -> str:
@@ -34,64 +26,12 @@ def fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
 
 
-# --- one sentence (or two) per claim ------------------------------------------------------------------
-
-
-def fig2_claims(corr: LocalizationCorrelation) -> str:
-    """Fig. 2: the predicted IoU tracks the true IoU better than the classification score."""
-    difference = corr.r_iou_pred - corr.r_score
-    return (f"The predicted IoU tracking localization better than the classification score "
-            f"{holds(bool(difference > 0) if np.isfinite(difference) else None)}.")
-
-
-def fig3_claims(positives: pd.DataFrame) -> str:
-    """Fig. 3: IoU-guided NMS keeps more well-localized positives than NMS (the highest IoU bin)."""
-    high = positives.index[-1]
-    return (f"IoU-guided NMS keeping more well-localized positives than NMS (IoU in {high}) "
-            f"{holds(bool(positives.loc[high, 'IoU-NMS'] > positives.loc[high, 'NMS']))}.")
-
-
-def fig7_claims(recall: pd.DataFrame) -> str:
-    """Fig. 7: IoU-guided NMS recalls more objects than NMS at matching IoU 0.9."""
-    r09 = recall_at(recall, 0.9)
-    return f"IoU-NMS recalling more than NMS at IoU 0.9 {holds(bool(r09['IoU-NMS'] > r09['NMS']))}."
-
-
-def table1_claims(table: pd.DataFrame) -> str:
-    """Table 1: IoU-guided NMS improves AP90 and AP over NMS, at some cost in AP50."""
-    nms, _, iou = (table.loc[row] for row in TABLE1_ROWS)
-    return (f"IoU-NMS improving AP90 over NMS {holds(bool(iou['AP90'] > nms['AP90']))}; improving AP "
-            f"{holds(bool(iou['AP'] > nms['AP']))}; the paper's trade-off, lower AP50 with IoU-NMS, "
-            f"{holds(bool(iou['AP50'] < nms['AP50']))}.")
-
-
-def table2_claims(table: pd.DataFrame) -> str:
-    """Table 2: refinement after NMS improves AP and AP90 (rows of :func:`experiments.table2_rows`)."""
-    base, refined = table.loc["FPN"], table.loc["FPN + Refinement"]
-    return (f"Refinement improving AP {holds(bool(refined['AP'] > base['AP']))}; improving AP90 "
-            f"{holds(bool(refined['AP90'] > base['AP90']))}.")
-
-
-def fig4_claims(mono: pd.DataFrame) -> str:
-    """Fig. 4: optimization-based refinement is monotonic, iterative regression is not."""
-    text = f"Optimization-based refinement monotonic {holds(bool(mono.loc['optimization (IoU-Net)', 'monotonic']))}"
-    if "iterative regression" in mono.index:
-        text += f"; iterative regression non-monotonic {holds(not bool(mono.loc['iterative regression', 'monotonic']))}"
-    return text + "."
-
-
-def table3_claims(table: pd.DataFrame) -> str:
-    """Table 3: joint training improves AP over the detector alone; IoU-NMS + refinement add to it."""
-    base, joint, _, refine = (table.loc[row] for row in TABLE3_ROWS)
-    return (f"Joint training improving AP over the detector alone {holds(bool(joint['AP'] > base['AP']))}; "
-            f"IoU-NMS + refinement improving it further {holds(bool(refine['AP'] > joint['AP']))}.")
-
-
-def table4_claims(speed: pd.DataFrame) -> str:
-    """Table 4: IoU-Net adds at most 30% to the baseline's time (``speed``: :func:`timing.speed_comparison`)."""
+def table4_speed(speed: pd.DataFrame) -> str:
+    """Table 4 as a ratio beside the paper's (``speed``: :func:`timing.speed_comparison`); no verdict: one
+    timing on a shared machine has no interval."""
     ratio = speed.loc["IoU-Net / FPN"]
-    return (f"IoU-Net adding at most 30% to the baseline's time (the paper: {100 * (ratio.iloc[1] - 1):.0f}%) "
-            f"{holds(bool(ratio.iloc[0] <= 1.3))}.")
+    return (f"Here IoU-Net takes {ratio.iloc[0]:.2f}x the baseline's time per image; the paper's Titan X figures give "
+            f"{ratio.iloc[1]:.2f}x (+{100 * (ratio.iloc[1] - 1):.0f}%).")
 
 
 # --- each notebook's closing summary ------------------------------------------------------------------
@@ -124,10 +64,10 @@ def describe_iou_training(jittered: pd.DataFrame, log: pd.DataFrame, matched: pd
     below = matched[matched["iou"] < min_iou]
     lines = [
         f"* **Training boxes** (Sec. 3.1): {len(jittered)} jittered boxes, all with IoU >= {min_iou:g}; the ten bins of "
-        f"[{min_iou:g}, 1] hold {int(counts.min())} to {int(counts.max())} boxes each (spread {fmt(100 * spread, 0)}% of the mean). "
-        f"Uniform in IoU {holds(bool(np.isfinite(spread) and spread < 0.25))}.",
+        f"[{min_iou:g}, 1] hold {int(counts.min())} to {int(counts.max())} boxes each (spread {fmt(100 * spread, 0)}% of the "
+        f"mean; the paper samples uniformly in IoU).",
         f"* **Training**: the IoU run's loss went from {first:.4f} (first logged window) to {last:.4f} "
-        f"(last) over {int(log.index[-1])} iterations: training lowering the loss {holds(last < first)}.",
+        f"(last) over {int(log.index[-1])} iterations.",
         f"* **Held-out detections** ({len(matched)} raw detections of the validation images): for the {len(trained)} with true "
         f"IoU >= {min_iou:g} (the training range), Pearson r(predicted, true) = {fmt(r_trained)}, mean |error| "
         f"{fmt(error)}. {len(below)} detections lie below {min_iou:g}, where the IoU-Net saw no training box"
@@ -136,12 +76,13 @@ def describe_iou_training(jittered: pd.DataFrame, log: pd.DataFrame, matched: pd
     return "\n".join(lines)
 
 
-def describe_confidence(corr: LocalizationCorrelation, pairs: pd.DataFrame, num_nms: int) -> str:
-    """What notebook 03 found, as Markdown: Fig. 2's coefficients and how often NMS kept the worse box."""
+def describe_confidence(corr: LocalizationCorrelation, pairs: pd.DataFrame, num_nms: int, verdicts: ClaimsResult) -> str:
+    """What notebook 03 found, as Markdown: Fig. 2's coefficients (judged in ``verdicts``,
+    :func:`~workbench.analysis.claims.paper_claims`) and how often NMS kept the worse box."""
     lines = [
         f"* **Fig. 2**: over {len(corr.matched)} detections with IoU > {corr.min_iou:g} before NMS, Pearson r with the true IoU is "
         f"{fmt(corr.r_score)} for the classification score (*paper* {paper.FIG2_PEARSON['classification']}) and "
-        f"{fmt(corr.r_iou_pred)} for the predicted IoU (*paper* {paper.FIG2_PEARSON['iou_pred']}). {fig2_claims(corr)}",
+        f"{fmt(corr.r_iou_pred)} for the predicted IoU (*paper* {paper.FIG2_PEARSON['iou_pred']}). {verdict_text(verdicts, 'Fig. 2')}",
     ]
     if pairs.empty:
         lines.append("* **Fig. 1a**: in these images NMS never suppressed a better-localized duplicate of the box it kept.")
@@ -155,24 +96,25 @@ def describe_confidence(corr: LocalizationCorrelation, pairs: pd.DataFrame, num_
     return "\n".join(lines)
 
 
-def describe_nms(positives: pd.DataFrame, recall: pd.DataFrame, table: pd.DataFrame) -> str:
-    """What notebook 04 found, as Markdown, from Fig. 3's counts, Fig. 7's recall and Table 1."""
+def describe_nms(positives: pd.DataFrame, recall: pd.DataFrame, table: pd.DataFrame, verdicts: ClaimsResult) -> str:
+    """What notebook 04 found, as Markdown, from Fig. 3's counts, Fig. 7's recall and Table 1, with their verdicts."""
     high = positives.index[-1]
     r09 = recall_at(recall, 0.9)
     nms, soft, iou = (table.loc[row] for row in TABLE1_ROWS)
     return "\n".join([
         f"* **Fig. 3**: positives with IoU in {high}: No-NMS {positives.loc[high, 'No-NMS']}, NMS {positives.loc[high, 'NMS']}, "
-        f"IoU-NMS {positives.loc[high, 'IoU-NMS']}. {fig3_claims(positives)}",
+        f"IoU-NMS {positives.loc[high, 'IoU-NMS']}. {verdict_text(verdicts, 'Fig. 3')}",
         f"* **Fig. 7**: recall at IoU 0.9: No-NMS {r09['No-NMS']:.3f}, NMS {r09['NMS']:.3f}, Soft-NMS {r09['Soft-NMS']:.3f}, "
         f"IoU-NMS {r09['IoU-NMS']:.3f} (*paper* {paper.FIG7_RECALL_AT_09['No-NMS']}, {paper.FIG7_RECALL_AT_09['NMS']}, –, "
-        f"{paper.FIG7_RECALL_AT_09['IoU-NMS']}). {fig7_claims(recall)}",
+        f"{paper.FIG7_RECALL_AT_09['IoU-NMS']}). {verdict_text(verdicts, 'Fig. 7')}",
         f"* **Table 1**: AP {100 * nms['AP']:.1f} (NMS), {100 * soft['AP']:.1f} (Soft-NMS), {100 * iou['AP']:.1f} (IoU-NMS); "
-        f"AP90 {100 * nms['AP90']:.1f}, {100 * soft['AP90']:.1f}, {100 * iou['AP90']:.1f}. {table1_claims(table)}",
+        f"AP90 {100 * nms['AP90']:.1f}, {100 * soft['AP90']:.1f}, {100 * iou['AP90']:.1f}. {verdict_text(verdicts, 'Table 1')}",
     ])
 
 
-def describe_refinement(per_iteration: pd.DataFrame, mono: pd.DataFrame, table: pd.DataFrame, trajectories: Trajectories | None) -> str:
-    """What notebook 05 found, as Markdown: Fig. 4's curves, Table 2 and the refinement record."""
+def describe_refinement(per_iteration: pd.DataFrame, mono: pd.DataFrame, table: pd.DataFrame, trajectories: Trajectories | None,
+                        verdicts: ClaimsResult) -> str:
+    """What notebook 05 found, as Markdown: Fig. 4's curves, Table 2 and the refinement record, with the verdicts."""
     opt = mono.loc["optimization (IoU-Net)"]
     start = per_iteration[per_iteration["method"] == "optimization (IoU-Net)"]["AP"].iloc[0]
     lines = [f"* **Fig. 4**: AP of optimization-based refinement goes from {100 * start:.2f} to {100 * opt['final']:.2f} "
@@ -181,10 +123,10 @@ def describe_refinement(per_iteration: pd.DataFrame, mono: pd.DataFrame, table: 
         reg = mono.loc["iterative regression"]
         lines.append(f"* Iterative regression peaks at iteration {int(reg['best_iteration'])} ({100 * reg['best']:.2f}) and ends at "
                      f"{100 * reg['final']:.2f} (drop after the best {100 * reg['drop_after_best']:.2f}).")
-    lines.append(f"* {fig4_claims(mono)}")
+    lines.append(f"* {verdict_text(verdicts, 'Fig. 4')}")
     base, refined = table.loc["FPN"], table.loc["FPN + Refinement"]
     lines.append(f"* **Table 2**: refinement changes AP {100 * base['AP']:.1f} → {100 * refined['AP']:.1f} and AP90 "
-                 f"{100 * base['AP90']:.1f} → {100 * refined['AP90']:.1f}. {table2_claims(table)}")
+                 f"{100 * base['AP90']:.1f} → {100 * refined['AP90']:.1f}. {verdict_text(verdicts, 'Table 2')}")
     if trajectories is not None and len(trajectories):
         matched = np.isfinite(trajectories.gt_box).all(1)
         gain = trajectories.gain[matched]
@@ -195,16 +137,15 @@ def describe_refinement(per_iteration: pd.DataFrame, mono: pd.DataFrame, table: 
     return "\n".join(lines)
 
 
-def describe_joint_and_speed(table3: pd.DataFrame | None, speed: pd.DataFrame, device: str) -> str:
-    """What notebook 06 found, as Markdown: Table 3 (``None``: no joint model) and Table 4's ratio."""
+def describe_joint_and_speed(table3: pd.DataFrame | None, speed: pd.DataFrame, device: str, verdicts: ClaimsResult) -> str:
+    """What notebook 06 found, as Markdown: Table 3 (``None``: no joint model) with its verdicts, and Table 4's ratio."""
     lines = []
     if table3 is None:
         lines.append("* **Table 3**: no jointly trained model in this run (`reproduce --no-joint`).")
     else:
         base, joint, nms, refine = (table3.loc[row] for row in TABLE3_ROWS)
         lines.append(f"* **Table 3**: AP {100 * base['AP']:.1f} (detector alone), {100 * joint['AP']:.1f} (joint, NMS), "
-                     f"{100 * nms['AP']:.1f} (+ IoU-NMS), {100 * refine['AP']:.1f} (+ refinement). {table3_claims(table3)}")
-    ratio = speed.loc["IoU-Net / FPN"]
+                     f"{100 * nms['AP']:.1f} (+ IoU-NMS), {100 * refine['AP']:.1f} (+ refinement). {verdict_text(verdicts, 'Table 3')}")
     lines.append(f"* **Table 4** ({device}): {speed.iloc[0, 0]:.3f} s per image for FPN + NMS, {speed.iloc[1, 0]:.3f} s for "
-                 f"{speed.index[1]}: {ratio.iloc[0]:.2f}x (*paper* {ratio.iloc[1]:.2f}x on a Titan X). {table4_claims(speed)}")
+                 f"{speed.index[1]}. {table4_speed(speed)}")
     return "\n".join(lines)
