@@ -209,6 +209,14 @@ def test_equal_sets_and_a_one_image_difference_are_inconclusive(shapes_val):  # 
     assert math.isnan(result.claims["fig2-pearson"].ours)  # no iou_pred in the raw set: undefined, not judged
 
 
+def test_claims_on_empty_detection_sets_are_inconclusive_not_errors(shapes_val):  # noqa: F811
+    sets = {name: [] for name in ("raw", "nms", "soft-nms", "iou-nms", "nms+refine/0", "nms+refine/1", "nms+regress/0", "nms+regress/1")}
+    result = C.paper_claims(PipelineOutput(sets=sets), shapes_val, replicates=20)
+    assert {c.verdict for c in result.claims.values()} == {C.INCONCLUSIVE}
+    assert result.claims["iou-nms-ap"].ours == 0 and result.claims["fig3-positives"].ours == 0
+    assert math.isnan(result.claims["fig2-pearson"].ours)
+
+
 # ============================================================================= reports/index.md
 def test_index_lists_every_claim_with_the_paper_and_one_column_per_dataset(good, tmp_path):
     _, result = good

@@ -296,7 +296,8 @@ def image_sums(values: np.ndarray, image_ids: np.ndarray, all_image_ids: np.ndar
     Returns:
         float64[I, F]; a replicate's sums are ``weights @ image_sums(...)``.
     """
-    values = np.asarray(values, dtype=np.float64).reshape(len(image_ids), -1)
+    values = np.asarray(values, dtype=np.float64)
+    values = values[:, None] if values.ndim == 1 else values
     position = pd.Index(all_image_ids).get_indexer(np.asarray(image_ids))
     if (position < 0).any():
         raise ValueError(f"items refer to images outside the resampled set: {sorted(set(np.asarray(image_ids)[position < 0]))[:5]}")
