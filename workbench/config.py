@@ -191,6 +191,14 @@ def _shapes(kind: str) -> TrainConfig:
     schedule shape (warm-up 18, x0.1 at 225). The detector trains in 4.5 min on 2 idle cores
     (measured: 266 s, loss 1.56 -> 0.51). lr 0.01 (0.0025 per image, 4x the linear-scaled paper
     value, for speed; 0.02 diverged).
+
+    The standalone IoU-Net keeps the detector's backbone frozen and trains its head for 1000
+    iterations on cached FPN maps (``StandaloneIoUNet(cache_features=True)``, the default when
+    frozen). It beat the paper's own-backbone IoU-Net (``--set model.options.freeze_backbone=false``,
+    300 iterations; 313 CPU-s against 549) on 100 val images: Pearson r of predicted with true IoU
+    0.720 vs 0.668 on detections (classification score: 0.401) and 0.821 vs 0.773 on jittered
+    ground truth; AP90 after IoU-NMS 9.8 vs 7.7 (NMS 5.2); after 5 refinement steps (log, λ = 0.05)
+    AP 47.9 vs 45.2, AP90 20.0 vs 14.2.
     """
     iterations, optim = paper_schedule(300, lr=0.01)
     cfg = TrainConfig(

@@ -47,8 +47,13 @@ class PipelineSettings:
     max_detections: int = 100  # detections per image after suppression (COCO's maxDets)
     refine_top: int = 100  # refine the highest-scored boxes after suppression (paper: 100)
     refine_iterations: int = 5  # T (paper: 5)
-    refine_step_size: float = 0.5  # λ (paper: 0.5)
-    refine_step_scaling: str = "width"  # Algorithm 2's scale(grad, b): "width" (λ·w·grad) or "log" (λ·w²·grad); see refine.py
+    # Algorithm 2's scale(grad, b): "log" (λ·w²·grad, a step of λ in log-scaled coordinates) or "width"
+    # (λ·w·grad); see refine.py. "log" with λ = 0.05 was chosen by a sweep on shapes val (100 images,
+    # AP and AP90 after each of T = 5 steps from NMS): it rose monotonically in both, to AP 47.9 /
+    # AP90 20.0 from 37.6 / 5.2; "width" peaked at λ = 2 (48.3 / 17.6, AP90 not monotonic), the
+    # paper's λ = 0.5 reached 44.4 / 14.2, λ = 4 fell below NMS in AP90.
+    refine_step_size: float = 0.05  # λ (paper: 0.5, in its "width" reading on COCO)
+    refine_step_scaling: str = "log"
     refine_early_stop: float = 0.001  # Ω1 (paper: 0.001)
     refine_degeneration: float = -0.01  # Ω2 (paper: -0.01)
     regression_iterations: int = 5  # iterative box regression steps (Fig. 4's baseline)
