@@ -33,9 +33,10 @@ from ._checks import check_finite, check_floating, check_same_device, check_same
 # Upper bound on the elements of one gathered feature window (RoIs x rows x cols x channels);
 # RoIs are processed in chunks that stay below it, so a few huge boxes cannot exhaust memory.
 _WINDOW_BUDGET = 1 << 24
-# RoIs per chunk at most: large enough to amortize per-chunk overhead, small enough that sorting
-# by size keeps the windows of a chunk alike.
-_MAX_CHUNK = 128
+# RoIs per chunk at most: every window of a chunk is padded to its largest, so small chunks of
+# RoIs sorted by size waste little gathering (FPN-like RoIs: 2.8x roi_align's time with 128 per
+# chunk, 1.3x with 16), while a chunk's fixed overhead of some twenty tensor ops stays small.
+_MAX_CHUNK = 16
 # A chunk whose windows cover more than 1/_DENSE_FRACTION of the map pools with weights over the
 # whole map (two matrix products) instead of gathering windows: for boxes large against their
 # map, gathering every window costs more than the few wasted multiplications by zero weights.
