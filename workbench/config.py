@@ -158,12 +158,12 @@ def _neon_trees(kind: str) -> TrainConfig:
     """NEON tree crowns (62 train tiles of 400x400, 1 class), MobileNetV2-FPN, sized for 2 CPU cores.
 
     Budget: detector + standalone IoU-Net in <= 15 min on 2 cores. Measured on the project's idle
-    2-core machine: 411 s + 100 s = 8.5 min (1.4 s per detector iteration, 0.5 s per IoU-Net
-    iteration with its backbone frozen; 2.1 s per detector iteration on one thread). A core busy
-    with something else can make it several times slower (OpenMP threads wait on each other). The
-    paper's 160k iterations x 16 images (2.56M images, ~22 passes over COCO train2017) become
-    300 x 2 = 600 images (~10 passes over the 62 tiles) for the detector and 200 x 2 for the IoU-Net,
-    with the same shape (:func:`paper_schedule`: warm-up 1/16, x0.1 at 3/4). lr 0.005 for a batch
+    2-core machine: 411 s for the detector (1.4 s per iteration; 2.1 s on one thread); the IoU-Net
+    head on cached frozen features costs 0.72 CPU-s per iteration (600 iterations: 435 CPU-s, one
+    thread). A core busy with something else can make it several times slower (OpenMP threads wait
+    on each other). The paper's 160k iterations x 16 images (2.56M images, ~22 passes over COCO
+    train2017) become 300 x 2 = 600 images (~10 passes over the 62 tiles) for the detector and
+    600 x 2 for the IoU-Net head (its backbone frozen, its features cached), with the same shape (:func:`paper_schedule`: warm-up 1/16, x0.1 at 3/4). lr 0.005 for a batch
     8x smaller than the paper's: 4x the linear-scaled 0.00125, which moves too little in 300 steps;
     the paper's unscaled 0.01 diverged (NaN at iteration ~65). Images stay at their
     native 400 px (paper: 800 px): the crowns are 8-108 px, so the FPN anchors are 16..256 px instead
