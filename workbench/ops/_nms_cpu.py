@@ -34,8 +34,6 @@ _Rule = Callable[[int, Tensor, Tensor], tuple[Tensor, Tensor]]
 
 KEPT, UNSUPPRESSED = -1, -2
 
-# Elements of one block of the kept x suppressed IoU matrix in :func:`first_suppressor`.
-_BLOCK_ELEMENTS = 1 << 20
 # Boxes examined per step of :func:`soft`; the step selects the longest non-overlapping prefix of them.
 _SOFT_CANDIDATES = 64
 
@@ -155,7 +153,8 @@ def first_suppressor(boxes: Tensor, keep: Tensor, iou_threshold: float) -> Tenso
     A box that greedy NMS did not keep stays alive until the first selected box whose IoU with it
     exceeds the threshold removes it, and every box selected before that one overlapped it at
     most by the threshold. So its suppressor is the first kept box, in selection order, that
-    overlaps it by more than ``iou_threshold``: one vectorized pass over the kept x dropped IoUs.
+    overlaps it by more than ``iou_threshold``: one vectorized pass over the intersecting pairs
+    (:func:`_intersecting_pairs`), a fraction of all kept x dropped pairs.
 
     Args:
         boxes (Tensor[N, 4]): ``(x0, y0, x1, y1)``.
@@ -164,22 +163,22 @@ def first_suppressor(boxes: Tensor, keep: Tensor, iou_threshold: float) -> Tenso
     Returns:
         Tensor[N] int64: -1 for kept boxes, else the index of the box that removed it.
     """
-    n = boxes.shape[0]
-    suppressors = torch.full((n,), KEPT, dtype=torch.int64, device=boxes.device)
-    dropped_mask = torch.ones(n, dtype=torch.bool, device=boxes.device)
-    dropped_mask[keep] = False
-    dropped = dropped_mask.nonzero().flatten()
-    if not dropped.numel():
-        return suppressors
-    bound = strictly_above(boxes.dtype, iou_threshold)
-    kept_boxes = boxes.index_select(0, keep)
-    step = max(1, _BLOCK_ELEMENTS // max(1, keep.numel()))
-    for block in torch.split(dropped, step):
-        # (B, K), so that the reduction runs along contiguous rows; IoU is symmetric bit for bit.
-        over = pairwise_iou(boxes.index_select(0, block), kept_boxes) > bound
-        # argmax returns the first maximum: the first kept box above the threshold.
-        suppressors[block] = keep[over.to(torch.uint8).argmax(1)]
-    return suppressors
+    b, kept = boxes.numpy(), keep.numpy()
+    n = b.shape[0]
+    # Position in selection order of each kept box; n for the others.
+    position = np.full(n, n, dtype=np.int64)
+    position[kept] = np.arange(kept.size)
+    first, second, iou = _intersecting_pairs(b)
+    over = iou > strictly_above(boxes.dtype, iou_threshold)
+    first, second = first[over], second[over]
+    remover, removed = np.concatenate((first, second)), np.concatenate((second, first))
+    candidate = (position[remover] < n) & (position[removed] == n)
+    earliest = np.full(n, n, dtype=np.int64)
+    np.minimum.at(earliest, removed[candidate], position[remover[candidate]])
+    suppressors = np.full(n, KEPT, dtype=np.int64)
+    dropped = position == n
+    suppressors[dropped] = kept[earliest[dropped]]
+    return torch.from_numpy(suppressors)
 
 
 def suppress(boxes: Tensor, rank: Tensor, scores: Tensor, iou_threshold: float, rescore: bool,
@@ -197,9 +196,10 @@ def suppress(boxes: Tensor, rank: Tensor, scores: Tensor, iou_threshold: float, 
         return keep, scores.index_select(0, keep), None
     suppressors = first_suppressor(boxes, keep, iou_threshold)
     if rescore:
-        dropped = (suppressors >= 0).nonzero().flatten()
-        best = scores.clone().scatter_reduce_(0, suppressors[dropped], scores[dropped], "amax")
-        new_scores = best.index_select(0, keep)
+        by, best = suppressors.numpy(), scores.numpy().copy()
+        dropped = np.flatnonzero(by >= 0)
+        np.maximum.at(best, by[dropped], best[dropped])
+        new_scores = torch.from_numpy(best).index_select(0, keep)
     else:
         new_scores = scores.index_select(0, keep)
     return keep, new_scores, suppressors if with_suppressors else None
@@ -213,19 +213,16 @@ def at_least(dtype: torch.dtype, threshold: float) -> float:
     return float(t)
 
 
-def _overlap_graph(boxes: np.ndarray, iou_threshold: float, sigma: float, gaussian: bool
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every pair of boxes whose Soft-NMS weight may differ from 1, as a symmetric CSR graph.
+def _intersecting_pairs(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every pair of boxes that intersect (positive intersection area), once each, with its IoU.
 
-    A pair that does not intersect has IoU 0 (or 0/0 = NaN), whose weight is exactly 1 under both
-    decays, so only intersecting pairs (and for the linear decay, only IoU >= ``iou_threshold``)
-    are edges. Candidates come from a sweep along x within horizontal strips as tall as the mean
-    box: each box is entered in every strip it spans, and a pair is taken only in the strip of
-    its lower ``y0`` edge, which both boxes span. The IoU arithmetic is :func:`pairwise_iou`'s,
-    operation for operation, so the weights are those of the reference.
+    Any other pair has IoU 0 (or 0/0 = NaN), which neither suppresses nor decays. Candidates come
+    from a sweep along x within horizontal strips as tall as the mean box: each box is entered in
+    every strip it spans, and a pair is taken only in the strip of its lower ``y0`` edge, which
+    both boxes span. The IoU arithmetic is :func:`pairwise_iou`'s, operation for operation.
 
     Returns:
-        (indptr [N + 1], neighbours [E], weights [E]).
+        (first [E], second [E], iou [E]): box indices and IoU of each pair.
     """
     n = boxes.shape[0]
     x0, y0, x1, y1 = (np.ascontiguousarray(c) for c in boxes.T)
@@ -233,7 +230,7 @@ def _overlap_graph(boxes: np.ndarray, iou_threshold: float, sigma: float, gaussi
     # Boxes without a positive width and height intersect nothing.
     valid = np.flatnonzero((x1 > x0) & (y1 > y0))
     if not valid.size:
-        return np.zeros(n + 1, dtype=np.int64), np.empty(0, dtype=np.int64), np.empty(0, dtype=boxes.dtype)
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64), np.empty(0, dtype=boxes.dtype)
     by_x = valid[np.argsort(x0[valid], kind="stable")]
     x_rank = np.empty(n, dtype=np.int64)
     x_rank[by_x] = np.arange(by_x.size)
@@ -264,6 +261,22 @@ def _overlap_graph(boxes: np.ndarray, iou_threshold: float, sigma: float, gaussi
     hit = inter > 0
     first, second, inter = first[hit], second[hit], inter[hit]
     iou = inter / (area[first] + area[second] - inter)
+    return first, second, iou
+
+
+def _overlap_graph(boxes: np.ndarray, iou_threshold: float, sigma: float, gaussian: bool
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every pair of boxes whose Soft-NMS weight may differ from 1, as a symmetric CSR graph.
+
+    A pair that does not intersect has IoU 0 (or NaN), whose weight is exactly 1 under both
+    decays, so only intersecting pairs (for the linear decay, only IoU >= ``iou_threshold``) are
+    edges, with the reference's weights.
+
+    Returns:
+        (indptr [N + 1], neighbours [E], weights [E]).
+    """
+    n = boxes.shape[0]
+    first, second, iou = _intersecting_pairs(boxes)
     if gaussian:
         weight = np.exp(-(iou * iou) / sigma)
     else:
