@@ -1,11 +1,19 @@
-"""Benchmark the ops against their torchvision peers in the same run.
+"""Benchmark the ops against their torchvision peers in the same run, and the pipeline's stages.
 
-    python benchmarks/bench_ops.py [--device cpu|cuda|all] [--repeat N] [--quick]
+    python benchmarks/bench_ops.py [--device cpu|cuda|all] [--repeat N] [--quick] [--pipeline-images N]
 
 Prints a table and writes ``benchmarks/results/ops-<device name>.md`` and ``.json``. Timings are
 medians over ``--repeat`` runs after a warm-up; ratios (ours / peer) are what carries across
 machines. PrRoIPool's peer is ``torchvision.ops.roi_align`` (sampling_ratio 2, the usual setting):
-it reads 4 points per bin where PrRoIPool integrates exactly, so PrRoIPool does more work.
+it reads 4 points per bin where PrRoIPool integrates exactly, so PrRoIPool does more work. The
+peer of every NMS variant is ``torchvision.ops.nms`` on the same boxes (the issue's yardstick:
+Soft-NMS has no torchvision counterpart).
+
+On the CPU it also times the pipeline (:func:`workbench.pipeline.run_pipeline`) per stage and per
+image on the validation images of the ``shapes`` and ``neon-trees`` presets, with the newest
+checkpoints in ``runs/`` (``<preset>-detector-*``, ``<preset>-iou-*``; without an IoU-Net
+checkpoint, an untrained IoU head on the detector's backbone, which costs the same), the first
+image left out as warm-up. The row that matters is refinement (after IoU-guided NMS) / detector.
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 import torch
 import torchvision
 
@@ -25,6 +35,9 @@ from workbench import ops
 from workbench.files import atomic_write
 
 RESULTS = Path(__file__).resolve().parent / "results"
+RUNS = Path(__file__).resolve().parents[1] / "runs"
+PRESETS = ("shapes", "neon-trees")
+DETECTOR_STAGE, REFINE_STAGE = "detector (backbone + heads)", "refinement (iou-nms)"
 
 
 def device_name(device: str) -> str:
@@ -103,29 +116,69 @@ def run(device: str, repeat: int, quick: bool) -> list[dict]:
 
     for n in ((500, 2000) if quick else (1000, 5000)):
         boxes, scores, ious = detection_inputs(device, n)
-        add("nms 0.5", f"N={n}", lambda: ops.nms(boxes, scores, 0.5),
-            lambda: torchvision.ops.nms(boxes, scores, 0.5), "torchvision nms")
+        peer = lambda: torchvision.ops.nms(boxes, scores, 0.5)  # noqa: E731
+        add("nms 0.5", f"N={n}", lambda: ops.nms(boxes, scores, 0.5), peer, "torchvision nms")
         add("iou_guided_nms 0.5", f"N={n}", lambda: ops.iou_guided_nms(boxes, scores, ious, 0.5),
             lambda: torchvision.ops.nms(boxes, ious, 0.5), "torchvision nms")
-        add("soft_nms linear", f"N={n}", lambda: ops.soft_nms(boxes, scores, method="linear"), None)
-        add("soft_nms gaussian", f"N={n}", lambda: ops.soft_nms(boxes, scores, method="gaussian"), None)
+        add("soft_nms linear", f"N={n}", lambda: ops.soft_nms(boxes, scores, method="linear"), peer, "torchvision nms")
+        add("soft_nms gaussian", f"N={n}", lambda: ops.soft_nms(boxes, scores, method="gaussian"), peer,
+            "torchvision nms")
     return rows
 
 
-def write(rows: list[dict], device: str) -> Path:
+def _newest(pattern: str) -> Path | None:
+    found = sorted(RUNS.glob(pattern), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def pipeline_stages(preset: str, images: int) -> dict | None:
+    """Mean seconds per image of each pipeline stage on ``images`` validation images of ``preset`` (CPU)."""
+    from workbench.config import TrainConfig, apply_overrides
+    from workbench.models import StandaloneIoUNet
+    from workbench.pipeline import PipelineSettings, run_pipeline
+    from workbench.reproduce import load_model
+    from workbench.train import build_dataset, load_checkpoint
+
+    det_ckpt, iou_ckpt = _newest(f"{preset}-detector-*/ckpt.pt"), _newest(f"{preset}-iou-*/ckpt.pt")
+    if det_ckpt is None:
+        print(f"  {preset}: no detector checkpoint in {RUNS}, pipeline not timed")
+        return None
+    cpu = torch.device("cpu")
+    detector = load_model(det_ckpt, cpu)
+    iou_net = load_model(iou_ckpt, cpu) if iou_ckpt else StandaloneIoUNet(detector=detector).eval()
+    val = build_dataset(apply_overrides(TrainConfig.from_dict(load_checkpoint(det_ckpt)["config"]), ["data.split=val"]))
+    out = run_pipeline(val, detector, iou_net, PipelineSettings(max_images=images + 1))
+    stages = {name: float(np.mean(values[1:])) for name, values in out.seconds.items()}
+    for name, seconds in stages.items():
+        print(f"  {preset:<11} {name:<40} {seconds * 1e3:9.1f} ms / image")
+    ratio = stages[REFINE_STAGE] / stages[DETECTOR_STAGE]
+    print(f"  {preset:<11} refinement / detector: {ratio:.2f}")
+    return {"preset": preset, "images": images, "detector_checkpoint": str(det_ckpt.relative_to(RUNS.parent)),
+            "iou_checkpoint": str(iou_ckpt.relative_to(RUNS.parent)) if iou_ckpt else "untrained IoU head",
+            "ms_per_image": {k: round(v * 1e3, 1) for k, v in stages.items()},
+            "refinement_over_detector": round(ratio, 3)}
+
+
+def write(rows: list[dict], device: str, pipelines: list[dict]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = device_name(device)
     meta = {"device": name, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "date": time.strftime("%Y-%m-%d")}
     slug = "".join(c if c.isalnum() else "-" for c in ("cpu" if device == "cpu" else name)).strip("-").lower()
     with atomic_write(RESULTS / f"ops-{slug}.json") as f:
-        f.write(json.dumps({"meta": meta, "rows": rows}, indent=1).encode())
+        f.write(json.dumps({"meta": meta, "rows": rows, "pipeline": pipelines}, indent=1).encode())
     lines = [f"# Ops benchmark on {name}", "", f"torch {meta['torch']}, torchvision {meta['torchvision']}, "
              f"{meta['date']}. Median ms; ratio = ours / peer (lower is better for us).", "",
              "| op | size | ours (ms) | peer | peer (ms) | ratio |", "|---|---|---:|---|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['op']} | {r['size']} | {r['ours_ms']} | {r['peer']} | "
                      f"{'' if r['peer_ms'] is None else r['peer_ms']} | {'' if r['ratio'] is None else r['ratio']} |")
+    for p in pipelines:
+        lines += ["", f"## Pipeline, {p['preset']}: ms per image ({p['images']} validation images)", "",
+                  f"Checkpoints: {p['detector_checkpoint']}, {p['iou_checkpoint']}. "
+                  f"Refinement (after IoU-guided NMS) / detector: **{p['refinement_over_detector']}**.", "",
+                  "| stage | ms / image |", "|---|---:|"]
+        lines += [f"| {name} | {ms} |" for name, ms in p["ms_per_image"].items()]
     path = RESULTS / f"ops-{slug}.md"
     with atomic_write(path) as f:
         f.write(("\n".join(lines) + "\n").encode())
@@ -137,6 +190,8 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="smaller inputs, for a smoke run")
+    parser.add_argument("--pipeline-images", type=int, default=10,
+                        help="validation images per preset for the pipeline's stage times on the CPU (0: skip)")
     args = parser.parse_args()
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     if "cuda" in devices and not torch.cuda.is_available():
@@ -146,7 +201,10 @@ def main() -> None:
     for device in devices:
         print(f"{device_name(device)}:")
         rows = run(device, args.repeat, args.quick)
-        print(f"wrote {write(rows, device)}")
+        pipelines = []
+        if device == "cpu" and args.pipeline_images:
+            pipelines = [p for p in (pipeline_stages(preset, args.pipeline_images) for preset in PRESETS) if p]
+        print(f"wrote {write(rows, device, pipelines)}")
 
 
 if __name__ == "__main__":
