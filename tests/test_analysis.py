@@ -67,6 +67,7 @@ from workbench.analysis import (
     top_scored_per_image,
 )
 from workbench.analysis import paper_numbers
+from workbench.analysis.iterations import y_limits
 from workbench.data.coco import coco_from_dict
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -472,6 +473,26 @@ def test_plot_ap_per_iteration(iteration_runs, tmp_path):
         assert [t.get_text() for t in ax.get_legend().get_texts()] == ["Regression", "Optimization"]
         assert_labelled(ax)
     assert saved_png(fig, tmp_path, "iterations").startswith(PNG_MAGIC)
+
+
+def test_y_limits_keep_a_minimum_span():
+    # AP90 between 0.008 and 0.016 %: widened to one point around the data, clipped at 0, padded 5 %.
+    np.testing.assert_allclose(y_limits([0.008, 0.016, 0.012], 1.0), (-0.05, 1.05))
+    np.testing.assert_allclose(y_limits([40.0, 40.2], 1.0), (39.55, 40.65))  # centred: 39.6 .. 40.6
+    np.testing.assert_allclose(y_limits([10.0, 30.0], 1.0), (9.0, 31.0))  # wide data: its own range
+    np.testing.assert_allclose(y_limits([0.0, 0.0], 1.0), (-0.05, 1.05))
+
+
+def test_plot_ap_per_iteration_flat_panel_is_flat():
+    # Both methods stay at zero AP90: the panel spans at least one AP point, not a zigzag of rounding.
+    table = pd.DataFrame({"method": ["R", "R", "O", "O"], "iteration": [0, 1, 0, 1],
+                          "AP": [0.30, 0.31, 0.30, 0.32], "AP90": [0.0, 1e-4, 0.0, 0.0]})
+    fig = plot_ap_per_iteration(table, metrics=("AP", "AP90"))
+    ap, ap90 = fig.axes
+    lo, hi = ap90.get_ylim()
+    assert hi - lo >= 1.0 and lo <= 0.0 <= 0.01 <= hi
+    lo, hi = ap.get_ylim()
+    assert lo <= 30.0 and hi >= 32.0 and hi - lo < 3.0  # a real 2-point change keeps its own scale
 
 
 # ============================================================================= pooling (Fig. 6)

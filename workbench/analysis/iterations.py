@@ -78,13 +78,35 @@ def monotonicity(table: pd.DataFrame, metric: str = "AP", *, tol: float = 0.0) -
     return result
 
 
-def plot_ap_per_iteration(table: pd.DataFrame, metrics: Sequence[str] = ("AP",), *, percent: bool = True) -> Figure:
+def y_limits(values: Sequence[float], min_span: float) -> tuple[float, float]:
+    """A y-range for AP values: the data's range, widened to at least ``min_span`` and kept at or above 0.
+
+    Autoscaling stretches any range to the full panel, so AP90 moving between 0.008 and 0.016 % would
+    look like a zigzag; widening the range to ``min_span`` (centred on the data, shifted up where it
+    would go below 0, since AP cannot) keeps a flat curve flat. 5 % of the span pads each side.
+    """
+    data = np.asarray(values, dtype=np.float64)
+    data = data[np.isfinite(data)]
+    lo, hi = (float(data.min()), float(data.max())) if data.size else (0.0, 0.0)
+    if hi - lo < min_span:
+        mid = (lo + hi) / 2
+        lo, hi = mid - min_span / 2, mid + min_span / 2
+        if lo < 0:
+            lo, hi = 0.0, min_span
+    pad = 0.05 * (hi - lo)
+    return lo - pad, hi + pad
+
+
+def plot_ap_per_iteration(table: pd.DataFrame, metrics: Sequence[str] = ("AP",), *, percent: bool = True,
+                          min_span: float = 1.0) -> Figure:
     """One panel per metric, one line per method: AP against iteration (paper Fig. 4).
 
     Args:
         table: the output of :func:`ap_per_iteration`.
         metrics: columns to plot, e.g. ``("AP", "AP90")``: high-IoU AP shows refinement best.
         percent: plot AP x 100, as the paper.
+        min_span: the least y-range of a panel, in AP points (1.0 = one point, i.e. 0.01 as a fraction),
+            so that differences far below a point are not drawn as big swings (:func:`y_limits`).
 
     Returns:
         A Figure with ``len(metrics)`` axes, each with one line per method (in order of appearance).
@@ -96,6 +118,7 @@ def plot_ap_per_iteration(table: pd.DataFrame, metrics: Sequence[str] = ("AP",),
         for k, method in enumerate(methods):
             group = table[table["method"] == method].sort_values("iteration")
             ax.plot(group["iteration"], group[metric] * scale, marker=marker(k), color=color(k), label=str(method))
+        ax.set_ylim(*y_limits(table[metric].to_numpy() * scale, min_span * scale / 100.0))
         style_axes(ax, xlabel="Iteration", ylabel=f"{metric}{' (%)' if percent else ''}", title=f"{metric} vs. refinement iteration")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(title="Refinement")
