@@ -126,7 +126,7 @@ def test_notebook_structure(path):
     first_code = next(i for i, c in enumerate(nb.cells) if c.cell_type == "code")
     assert tagged == [first_code], "exactly one tagged parameters cell, the first code cell"
     parameters = nb.cells[first_code].source
-    assert "DATASET =" in parameters and "FAST =" in parameters and "WORKBENCH_FAST" in parameters
+    assert ("DATASET =" in parameters or "DATASETS =" in parameters) and "FAST =" in parameters and "WORKBENCH_FAST" in parameters
     shows = [i for i, c in enumerate(nb.cells) if c.cell_type == "markdown" and "## What the data here shows" in c.source]
     assert len(shows) == 1 and nb.cells[-1].cell_type == "markdown"
     assert nb.metadata.kernelspec.name == "python3"
