@@ -340,7 +340,7 @@ def test_nms_explorer_survivors_are_suppress_output(method, threshold):
     from workbench.widgets import NMSExplorer
 
     results, gt = cluster_results()
-    explorer = NMSExplorer(results, gt, max_detections=7)
+    explorer = NMSExplorer(results, gt, max_detections=7, table_rows=len(results))  # every box listed, so every survivor drawn
     explorer.method_menu.value = method  # what the controls do in the browser
     explorer.threshold_slider.value = threshold
     for image_id in (1, 2):
@@ -424,18 +424,58 @@ def test_explorer_table_hover_and_image_switch():
     explorer = NMSExplorer(results, gt, method="iou-nms", table_rows=5)
     explorer.set_image(2)
     assert explorer.image_id == 2 and "image 2" in explorer.table.value
-    assert explorer.table.value.count("<tr") == 1 + 5  # header + rows
+    assert len(explorer.listed) >= 5 and explorer.table.value.count("<tr") == 1 + len(explorer.listed)  # header + rows
     assert "suppressed by #" in explorer.table.value and "true IoU" in explorer.table.value
     # Ground truth drawn: three objects per image.
     assert sum(v is None for v in trace(explorer.figure, "ground truth").x) == 3
     hover = trace(explorer.figure, "hover · survives").text
-    assert len(hover) == len(explorer.survivors) and all("predicted IoU" in h and "kept:" in h for h in hover)
+    listed_survivors = int(explorer.explanation.loc[explorer.listed, "kept"].sum())
+    assert len(hover) == listed_survivors and all("predicted IoU" in h and "kept:" in h for h in hover)
     explorer.set_method("none")
     assert len(explorer.survivors) == len(image_tensors(results, 2)[0])
     with pytest.raises(ValueError, match="no detections"):
         explorer.set_image(99)
     with pytest.raises(ValueError, match="method must be one of"):
         NMSExplorer([{k: v for k, v in r.items() if k != "iou_pred"} for r in results], method="iou-nms")
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_explorer_draws_and_numbers_exactly_the_listed_boxes(seed):
+    from workbench.widgets import NMSExplorer
+
+    results, gt = cluster_results(seed, images=1, objects=4, per_object=8)
+    _, det = image_tensors(results, 1)
+    scores, boxes = det["scores"].numpy(), det["boxes"].numpy()
+    _, removed = greedy_reference(det["boxes"], scores, det["labels"].numpy(), 0.5)
+
+    def expected(min_score: float, rows: int) -> set[int]:
+        # The `rows` highest scores at or above min_score, plus the boxes that suppressed them (slow reference).
+        top = [int(j) for j in np.argsort(-scores, kind="stable") if scores[j] >= min_score][:rows]
+        return set(top) | {removed[j][0] for j in top if j in removed}
+
+    explorer = NMSExplorer(results, gt, method="nms", table_rows=5)
+    for min_score in (0.0, float(np.sort(scores)[-3])):
+        explorer.set_min_score(min_score)
+        listed = list(explorer.listed)
+        assert set(listed) == expected(min_score, 5) and explorer.score_slider.value == min_score
+        assert scores[listed].tolist() == sorted(scores[listed].tolist(), reverse=True)
+        # Numbers on the boxes: the table's "#", at each listed box's top-left corner.
+        numbers = trace(explorer.figure, "box numbers")
+        assert list(numbers.text) == [str(i) for i in listed]
+        np.testing.assert_allclose(numbers.x, boxes[listed, 0])
+        np.testing.assert_allclose(numbers.y, boxes[listed, 1])
+        # Drawn outlines: the listed boxes and no others (one None after each outline).
+        drawn = [x for name in ("survives", "suppressed") for x in trace(explorer.figure, name).x]
+        assert sum(v is None for v in drawn) == len(listed)
+        assert sorted(x for x in drawn[::6]) == sorted(boxes[listed, 0].tolist())
+        # The table lists the same boxes, and every box a reason names is among them.
+        assert explorer.table.value.count("<tr") == 1 + len(listed)
+        assert {int(j) for j in re.findall(r"#(\d+)", explorer.table.value)} <= set(listed)
+    # Ground truth is drawn over the boxes, so crowded images do not hide it.
+    names = [t.name for t in explorer.figure.data]
+    assert names.index("ground truth") > max(names.index("survives"), names.index("suppressed"))
+    with pytest.raises(ValueError, match="min score"):
+        explorer.set_min_score(1.5)
 
 
 def test_suppressed_better_boxes_finds_the_hand_built_case():

@@ -18,7 +18,7 @@ from workbench.analysis.suppression import detections_by_image, explain_suppress
 
 from ._plotly import BOX_COLOR, GT_COLOR, png_data_uri, rectangle
 
-KEPT_COLOR, SUPPRESSED_COLOR = BOX_COLOR, "#BBBBBB"
+KEPT_COLOR, SUPPRESSED_COLOR, NUMBER_COLOR = BOX_COLOR, "#BBBBBB", "#F0E442"  # yellow numbers read on dark and light images
 NMS_METHOD_LABELS = {"none": "No-NMS (keep all)", "nms": "NMS (rank by score)", "soft-nms": "Soft-NMS (decay scores)",
                      "iou-nms": "IoU-guided NMS (rank by predicted IoU)"}
 """Methods of :func:`workbench.postprocess.suppress` -> what the method menu of :class:`NMSExplorer` shows."""
@@ -32,11 +32,14 @@ def _positions(rows: pd.DataFrame) -> torch.Tensor:
 class NMSExplorer:
     """Duplicate removal on one image: which boxes survive, and why (Table 1, Fig. 3 and 7 box by box).
 
-    Left: the image with the ground truth (green), the boxes that survive (orange) and those suppressed
-    (grey, dotted); hovering the dot at a box's top-left corner says what happened to it. Below: the
-    highest-scored boxes in a table: score, predicted IoU, true IoU, and their fate (kept at which rank,
-    or suppressed by which box at what overlap). Survivors and reasons are
-    :func:`workbench.analysis.suppression.explain_suppression`'s, i.e. :func:`workbench.postprocess.suppress`'s.
+    Left: the image with the ground truth (green, drawn over the boxes), and exactly the boxes the table
+    lists, each labelled with its table number ``#``: orange if it survives, grey dotted if suppressed;
+    hovering the dot at a box's top-left corner says what happened to it. Below: the table, the
+    ``table_rows`` highest-scored boxes scoring at least the score control's value, plus any box that
+    suppressed one of them or gave it its score (so every ``#`` a reason names is drawn too): score,
+    predicted IoU, true IoU, and their fate (kept at which rank, or suppressed by which box at what
+    overlap). Survivors and reasons are :func:`workbench.analysis.suppression.explain_suppression`'s,
+    i.e. :func:`workbench.postprocess.suppress`'s, over all the image's boxes.
 
     Args:
         detections: raw detections (COCO results before NMS, e.g. ``output.sets["raw"]``); ``iou_pred``
@@ -47,15 +50,17 @@ class NMSExplorer:
         max_detections: the cap after suppression (the pipeline's 100).
         soft_method, soft_sigma, score_threshold: the Soft-NMS settings; the threshold slider sets
             Soft-NMS's linear overlap threshold.
-        min_score: boxes scoring below it are not drawn (they still take part).
-        table_rows: boxes listed in the table, highest score first.
+        min_score: initial value of the score control: boxes scoring below it are neither listed nor
+            drawn (they still take part in the suppression).
+        table_rows: the most boxes listed (and drawn) by score, before their suppressors are added.
 
     Controls, each a method too: the image menu (``set_image(image_id)``), the method menu
-    (``set_method("iou-nms")``), the threshold slider (``set_threshold(0.6)``). ``survivors`` holds the
-    positions (in ``detections``) of the boxes that survive, in ``suppress``'s output order.
+    (``set_method("iou-nms")``), the threshold slider (``set_threshold(0.6)``), the score slider
+    (``set_min_score(0.3)``). ``survivors`` holds the positions (in ``detections``) of the boxes that
+    survive, in ``suppress``'s output order; ``listed`` the table's rows (positions in the image).
     """
 
-    IMAGE, GT, SUPPRESSED, KEPT, SUPPRESSED_POINTS, KEPT_POINTS = range(6)  # trace indices in ``figure.data``
+    IMAGE, SUPPRESSED, KEPT, GT, SUPPRESSED_POINTS, KEPT_POINTS, NUMBERS = range(7)  # trace indices in ``figure.data``
 
     def __init__(self, detections, coco_gt=None, images: Callable[[int], np.ndarray] | None = None, *,
                  method: str = "nms", iou_threshold: float = 0.5, max_detections: int | None = 100,
@@ -82,13 +87,17 @@ class NMSExplorer:
                                       layout=W.Layout(width="380px"))
         self.threshold_slider = W.FloatSlider(value=iou_threshold, min=0.05, max=0.95, step=0.05, description="IoU thr.",
                                               continuous_update=False, readout_format=".2f")
+        self.score_slider = W.FloatSlider(value=float(min_score), min=0.0, max=1.0, step=0.01, description="min score",
+                                          continuous_update=False, readout_format=".2f")
         self.readout = W.HTML()
         self.table = W.HTML()
         self.figure = self._build_figure()
         self.image_menu.observe(lambda change: self._update(new_image=True), names="value")
         self.method_menu.observe(lambda change: self._update(), names="value")
         self.threshold_slider.observe(lambda change: self._update(), names="value")
-        self.ui = W.VBox([W.HBox([self.image_menu, self.method_menu, self.threshold_slider]), self.readout, self.figure, self.table])
+        self.score_slider.observe(lambda change: self._update(), names="value")
+        self.ui = W.VBox([W.HBox([self.image_menu, self.method_menu]), W.HBox([self.threshold_slider, self.score_slider]),
+                          self.readout, self.figure, self.table])
         self._update(new_image=True)
 
     def _repr_mimebundle_(self, **kwargs):
@@ -107,6 +116,20 @@ class NMSExplorer:
     def set_threshold(self, value: float) -> None:
         self.threshold_slider.value = float(value)
 
+    def set_min_score(self, value: float) -> None:
+        if not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"min score must be in [0, 1], got {value}")
+        self.score_slider.value = float(value)
+
+    @property
+    def listed(self) -> pd.Index:
+        """The table's rows, highest score first: positions in this image's detections (the ``#`` column)."""
+        e = self.explanation
+        top = e[e["score"] >= self.min_score].sort_values("score", ascending=False, kind="stable").head(self.table_rows)
+        named = {int(j) for column in ("by", "score_from") if column in top for j in top[column] if j >= 0}
+        rows = e.loc[sorted(set(top.index) | named)]  # the boxes a listed reason names are listed too
+        return rows.sort_values("score", ascending=False, kind="stable").index
+
     @property
     def survivors(self) -> np.ndarray:
         """Positions in ``detections`` of the boxes that survive, in ``suppress``'s output order."""
@@ -119,13 +142,15 @@ class NMSExplorer:
     def _build_figure(self) -> go.FigureWidget:
         fig = go.Figure([
             go.Image(source=png_data_uri(np.zeros((1, 1, 3), np.uint8)), x0=0.5, y0=0.5, name="image", hoverinfo="skip"),
-            go.Scatter(name="ground truth", mode="lines", line=dict(color=GT_COLOR, width=3), hoverinfo="skip"),
-            go.Scatter(name="suppressed", mode="lines", line=dict(color=SUPPRESSED_COLOR, width=1, dash="dot"), hoverinfo="skip"),
+            go.Scatter(name="suppressed", mode="lines", line=dict(color=SUPPRESSED_COLOR, width=1.5, dash="dot"), hoverinfo="skip"),
             go.Scatter(name="survives", mode="lines", line=dict(color=KEPT_COLOR, width=2.5), hoverinfo="skip"),
+            go.Scatter(name="ground truth", mode="lines", line=dict(color=GT_COLOR, width=3, dash="dash"), hoverinfo="skip"),
             go.Scatter(name="hover · suppressed", mode="markers", marker=dict(color=SUPPRESSED_COLOR, size=6), showlegend=False,
                        hovertemplate="%{text}<extra></extra>"),
             go.Scatter(name="hover · survives", mode="markers", marker=dict(color=KEPT_COLOR, size=8, line=dict(color="black", width=1)),
                        showlegend=False, hovertemplate="%{text}<extra></extra>"),
+            go.Scatter(name="box numbers", mode="text", textposition="top right", showlegend=False, hoverinfo="skip",
+                       textfont=dict(color=NUMBER_COLOR, size=13, family="monospace")),
         ])
         fig.update_xaxes(title_text="x (pixels)", showgrid=False, constrain="domain")
         fig.update_yaxes(title_text="y (pixels)", showgrid=False, scaleanchor="x", scaleratio=1, constrain="domain", autorange="reversed")
@@ -146,9 +171,10 @@ class NMSExplorer:
         self.image_id = int(self.image_menu.value)
         det = self.by_image[self.image_id]
         threshold = float(self.threshold_slider.value)
+        self.min_score = float(self.score_slider.value)
         self.explanation = e = explain_suppression(det, self.method_menu.value, iou_threshold=threshold,
                                                    max_detections=self.max_detections, soft_iou_threshold=threshold, **self.soft)
-        shown = e[e["score"] >= self.min_score]
+        shown = e.loc[self.listed]
 
         def outlines(rows) -> tuple[list, list]:
             xs, ys = [], []
@@ -185,18 +211,20 @@ class NMSExplorer:
                 corners = det["boxes"][_positions(rows)].reshape(-1, 4).numpy()
                 self.figure.data[trace].update(x=corners[:, 0].tolist(), y=corners[:, 1].tolist(),
                                                text=[self._hover(i) for i in rows.index])
+            corners = det["boxes"][_positions(shown)].reshape(-1, 4).numpy()
+            self.figure.data[self.NUMBERS].update(x=corners[:, 0].tolist(), y=corners[:, 1].tolist(), text=[str(i) for i in shown.index])
         survivors = int(e["kept"].sum())
         hidden = len(e) - len(shown)
         self.readout.value = (
             f"<span style='font-size:15px'><b>{survivors}</b> of {len(e)} boxes survive "
             f"{NMS_METHOD_LABELS[self.method_menu.value]} at IoU threshold {threshold:.2f}"
             + (f" (cap {self.max_detections})" if self.max_detections is not None else "")
-            + (f"; {hidden} boxes scoring below {self.min_score:g} are not drawn" if hidden else "") + "</span>"
+            + (f"; drawn and listed: the {len(shown)} boxes below, {hidden} others (score under {self.min_score:.2f}, "
+               f"or beyond the {self.table_rows} highest) are not" if hidden else "") + "</span>"
         )
-        self.table.value = self._table_html(e)
+        self.table.value = self._table_html(shown)
 
-    def _table_html(self, e) -> str:
-        top = e.sort_values("score", ascending=False, kind="stable").head(self.table_rows)
+    def _table_html(self, top: pd.DataFrame) -> str:
         columns = {"#": top.index, "score": top["score"].round(3)}
         if "iou_pred" in top:
             columns["predicted IoU"] = top["iou_pred"].round(3)
@@ -205,5 +233,5 @@ class NMSExplorer:
         columns["after"] = ["survives" if k else "–" for k in top["kept"]]
         columns["why"] = top["why"]
         frame = pd.DataFrame(columns)
-        return (f"<b>the {len(top)} highest-scored boxes of image {self.image_id}</b>"
+        return (f"<b>the {len(top)} boxes drawn on image {self.image_id}, by score (# = the number on the box)</b>"
                 + frame.to_html(index=False, border=0, col_space=70, classes="nms-table"))
