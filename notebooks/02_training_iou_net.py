@@ -30,12 +30,13 @@
 #
 # Here: the jittered boxes and their IoU histogram, the IoU run's training curve, and predicted vs
 # true IoU on the raw detections of the validation images, all from what
-# `python -m workbench reproduce --config <DATASET>` trained and ran (`make run` for neon-trees).
+# `python -m workbench reproduce --config <DATASET> --no-joint` trained and ran (`make run` runs it for
+# `shapes`, the lab with exact boxes, then for `neon-trees`, real crowns with hand-drawn boxes).
 
 # %% tags=["parameters"]
 import os
 
-DATASET = "neon-trees"  # preset of `python -m workbench reproduce --config <DATASET>` (make run: neon-trees)
+DATASET = "shapes"  # preset of `reproduce --config`: "shapes" (the lab, exact boxes) or "neon-trees" (real data); make run makes both
 FAST = os.environ.get("WORKBENCH_FAST", "0") == "1"  # CI: a tiny shapes run (trained under $WORKBENCH_ROOT) instead
 FIGURES = ""  # a folder to save the figures in (PNG), or "" for none
 

@@ -83,8 +83,10 @@ save = figure_saver(FIGURES)
 # ### Fig. 3: positives that survive, by IoU
 #
 # A detection is *positive* when it is the highest-scored detection of its object with IoU >= 0.5.
-# No-NMS is the upper bound. The question is how many of the best-localized positives (right-most bins)
-# each NMS keeps.
+# The question is how many of the best-localized positives (right-most bins) each NMS keeps. No-NMS
+# bounds the total, not each bin: when NMS removes an object's highest-scored box, the next box of that
+# object becomes its positive, in its own IoU bin, so a bin can hold more positives after NMS than
+# before (the object moved there from another bin).
 
 # %%
 positives = {LAB: positives_per_iou_bin(select(runs[LAB].output.sets, FIG3_SETS), runs[LAB].coco_gt)}
@@ -184,8 +186,7 @@ display(Markdown(describe_label_noise(noise, LAB, REAL)))
 #    object. Which of the two is closer to the green ground truth, and what did each method rank by?
 # 2. Raise Ω_nms to 0.7 in the explorer. Which boxes come back, and why would that raise recall but
 #    lower AP?
-# 3. Fig. 3 counts a detection as positive only if it is the *highest-scored* one of its object. Can NMS
-#    then have more positives than No-NMS in a bin? (Hint: removing a higher-scored box can promote
-#    another one to be its object's positive, in a different IoU bin.)
+# 3. In Fig. 3, find a bin where a method has more positives than No-NMS. Which bin lost the objects
+#    that moved there, and does the total over all bins still respect the No-NMS bound?
 # 4. On `neon-trees`, compare AP50 and AP90 between NMS and IoU-guided NMS in Table 1. Using the shift
 #    at IoU 0.9 in the table above, explain why AP90 is the harder number to trust there.

@@ -32,7 +32,7 @@
 # %% tags=["parameters"]
 import os
 
-DATASET = "neon-trees"  # preset of `python -m workbench reproduce --config <DATASET>` (make run: neon-trees)
+DATASET = "shapes"  # preset of `reproduce --config`: "shapes" (the lab, exact boxes) or "neon-trees" (real data)
 FAST = os.environ.get("WORKBENCH_FAST", "0") == "1"  # CI: a tiny shapes run (trained under $WORKBENCH_ROOT) instead
 
 # %%
@@ -51,10 +51,12 @@ from workbench.results import pipeline_results
 #
 # Loaded from `reproduce`'s cache (see notebook 02); in fast mode a tiny `shapes` run whose numbers mean
 # nothing about the paper. Besides the detector and the standalone IoU-Net of notebooks 02-05,
-# `reproduce` trains a joint model (`runs/<dataset>-joint-*`) unless run with `--no-joint`.
+# `reproduce` trains a joint model (`runs/<dataset>-joint-*`) unless run with `--no-joint`, as `make run`
+# does by default; `joint=True` loads the run with it (`make run RUN_SHAPES= RUN_NEON=` makes both), and
+# trains it here if it is missing, after printing the command that would.
 
 # %%
-results = pipeline_results(DATASET, fast=FAST)
+results = pipeline_results(DATASET, fast=FAST, joint=True)
 s, gt = results.output.sets, results.coco_gt
 joint = "joint" in results.run_dirs and "joint/nms" in s
 print("joint model:", results.run_dirs.get("joint", "none"))
