@@ -157,3 +157,15 @@ sweep_jumps(sweep).round(4)
 #   autograd to rounding error, central differences to ~1e-11 inside cells and ~1e-6 with an edge on a
 #   grid line (there the pooled value is only once differentiable, so central differences lose their
 #   second-order accuracy). This is the gradient Algorithm 2 climbs in notebook 05.
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. Sweep the top edge instead (`pooling_sweep(d, bin_box, "y0", ...)`). How many distinct values does
+#    RoI Pooling take now, and does `sweep_jumps` find RoI Align's slope jumps at the grid lines of `y`?
+# 2. Shrink the bin to less than one cell, e.g. `(2.2, 1.2, 2.8, 1.8)`, and call `compare_pooling`. Which
+#    of the three methods still differ, and why does RoI Align come closer to PrRoI Pooling?
+# 3. How many midpoint-rule points (`midpoint_mean(d, bin_box, n=...)`) does it take to match `prroi_pool`
+#    to 1e-4? To 1e-8? What does that say about the cost of a brute-force Eq. 3?
+# 4. Call `gradient_table` with a bin whose right edge lies on a grid line, e.g. `(1.3, 1.0, 5.0, 3.5)`.
+#    Which edge's finite difference disagrees most with Eq. 4, and does a smaller `eps` help?

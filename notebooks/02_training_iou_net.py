@@ -125,3 +125,16 @@ display(Markdown(describe_iou_training(jittered, log, matched, min_iou=config.mi
 # trained (IoU >= 0.5); for the detections below that (counted above) its prediction is an
 # extrapolation, yet IoU-guided NMS ranks those boxes by it too. Notebook 03 asks whether, among the
 # well-localized boxes, it ranks them better than the classification score does.
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. Draw the training boxes again with `JitterConfig(min_iou=0.3)` (`jittered_training_boxes`). How does
+#    the histogram of their IoUs change, and which rows of `iou_prediction_error` would you expect a model
+#    trained on them to improve?
+# 2. Re-bin the error table with `iou_prediction_error(matched, edges=(0.5, 0.75, 0.9, 1.0))`. In which
+#    range is the predictor most over-confident, and how many boxes does that range hold?
+# 3. Compare `matched` for two classes (`matched.groupby("category_id")`): is the mean |error| the same?
+#    On `neon-trees`, with one class, compare small and large boxes instead.
+# 4. From `log`, at what fraction of the iterations does `loss_iou` stop falling? Is that before or after
+#    the learning rate drops at 3/4?

@@ -111,3 +111,15 @@ display(Markdown(describe_joint_and_speed(table3, speed, "the machine that ran t
 # The intervals say how large an AP difference this validation set can resolve: a few tenths rarely
 # exclude zero on a few hundred images. The ratio of Table 4 compares like with like
 # on one machine; the `share` column of the stage table says which stage the overhead comes from.
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. From `table3`, how much AP does IoU-guided NMS add to the joint model, and how much does refinement add
+#    on top? Which of the two does `verdicts` say this validation set can resolve?
+# 2. Using the stage table (`timing_table(mean_seconds(results.output))`), which single stage would you
+#    have to make twice as fast to bring the IoU-Net column of `speed` within 10% of the FPN column?
+# 3. Compare the last logging window of the joint run's `loss_iou` with the standalone IoU run's
+#    (`training_log(results.run_dirs["iou"])`). Does sharing the backbone cost the IoU head anything?
+# 4. Run the notebook on `neon-trees`. Does the ratio of Table 4 change with the number of boxes per image,
+#    and which stage explains the change?
