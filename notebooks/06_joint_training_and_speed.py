@@ -41,9 +41,10 @@ from IPython.display import Markdown, display
 from workbench.analysis import ap_table, markdown_table, mean_seconds, speed_comparison, timing_table
 from workbench.analysis import paper_numbers as paper
 from workbench.analysis.claims import paper_claims
-from workbench.analysis.experiments import TABLE3_ROWS, select
+from workbench.analysis.experiments import select, table3_paper_names, table3_rows
 from workbench.analysis.narrative import describe_joint_and_speed
 from workbench.analysis.training_log import training_log
+from workbench.config import get_config
 from workbench.results import pipeline_results
 
 # %% [markdown]
@@ -64,13 +65,15 @@ print("joint model:", results.run_dirs.get("joint", "none"))
 # %% [markdown]
 # ## Table 3: the jointly trained model
 #
-# Row names are the paper's (ResNet-50); the backbone here is the preset's (MobileNetV2-FPN for
-# neon-trees and shapes). *FPN* is the detector alone with NMS; *IoU-Net* the joint model with NMS, then
-# with IoU-guided NMS, then with refinement too.
+# Our rows name the backbone the joint run used (its `config.json`: MobileNetV2-FPN for neon-trees and
+# shapes); each is followed by the paper's ResNet-50 row it stands for. *FPN* is the detector alone with
+# NMS; *IoU-Net* the joint model with NMS, then with IoU-guided NMS, then with refinement too.
 
 # %%
-table3 = ap_table(select(s, TABLE3_ROWS), gt) if joint else None
-display(Markdown(markdown_table(table3, paper.TABLE3_JOINT) if joint else "*no joint model in this run*"))
+backbone = get_config(str(results.run_dirs["joint"] / "config.json")).model.backbone if joint else None
+table3 = ap_table(select(s, table3_rows(backbone)), gt) if joint else None
+display(Markdown(markdown_table(table3, paper.TABLE3_JOINT, paper_names=table3_paper_names(backbone))
+                 if joint else "*no joint model in this run*"))
 
 # %% [markdown]
 # The joint model's losses: the detector's four and the IoU head's `loss_iou` (last logging window).

@@ -23,7 +23,9 @@ from workbench.analysis import ap_per_iteration, ap_table, localization_correlat
 from workbench.analysis import claims as C
 from workbench.analysis import narrative
 from workbench.analysis.cocoeval import coco_ap
-from workbench.analysis.experiments import FIG3_SETS, FIG7_SETS, TABLE1_ROWS, TABLE3_ROWS, refinement_runs, select, table2_rows
+from workbench.analysis import paper_numbers
+from workbench.analysis.experiments import (FIG3_SETS, FIG7_SETS, TABLE1_ROWS, TABLE3_ROWS, refinement_runs, select, table2_rows,
+                                           table3_paper_names, table3_rows)
 from workbench.pipeline import PipelineOutput
 from workbench.reproduce import write_report
 
@@ -41,7 +43,7 @@ def report(good, shapes_val, tmp_path_factory):  # noqa: F811
     sets, _ = good
     out = tmp_path_factory.mktemp("reports") / "shapes"
     output = PipelineOutput(sets=sets, seconds=SECONDS, trajectories=exact_record("width"), image_ids=sorted(shapes_val.getImgIds()))
-    numbers = write_report(output, shapes_val, out, "shapes", "CPU (test)")
+    numbers = write_report(output, shapes_val, out, "shapes", "CPU (test)", "mobilenet_v2")
     return sets, out, numbers
 
 
@@ -72,13 +74,31 @@ def test_every_verdict_in_the_report_is_its_intervals(report):
 def test_report_rows_read_the_sets_they_name(report, shapes_val):  # noqa: F811
     sets, out, _ = report
     tables = {name: pd.read_csv(out / f"{name}.csv", index_col=0) for name in ("table1_nms", "table2_refinement", "table3_joint")}
-    rows = {"table1_nms": TABLE1_ROWS, "table2_refinement": table2_rows(sets), "table3_joint": TABLE3_ROWS}
+    rows = {"table1_nms": TABLE1_ROWS, "table2_refinement": table2_rows(sets), "table3_joint": table3_rows("mobilenet_v2")}
     assert rows["table1_nms"]["FPN + IoU-NMS"] == "iou-nms" and rows["table2_refinement"]["FPN + Refinement"] == "nms+refine/3"
     for name, mapping in rows.items():
         for row, set_name in mapping.items():
             expected = coco_ap(shapes_val, sets[set_name])
             assert tables[name].loc[row, "AP90"] == pytest.approx(expected["AP90"], abs=1e-12), (name, row)
             assert tables[name].loc[row, "AP"] == pytest.approx(expected["AP"], abs=1e-12), (name, row)
+
+
+def test_table3_rows_name_the_backbone_used_and_keep_the_papers_rows(report):
+    _, out, _ = report
+    assert table3_paper_names("resnet50") == {row: row for row in TABLE3_ROWS}
+    names = table3_paper_names("mobilenet_v2")
+    assert list(names.values()) == list(TABLE3_ROWS) and list(table3_rows("mobilenet_v2").values()) == list(TABLE3_ROWS.values())
+    assert list(names) == ["MobileNetV2 FPN", "MobileNetV2 IoU-Net", "MobileNetV2 IoU-Net + IoU-NMS",
+                           "MobileNetV2 IoU-Net + IoU-NMS + Refine"]
+    with pytest.raises(ValueError, match="backbone"):
+        table3_paper_names("vgg16")
+    report_md = (out / "report.md").read_text()
+    table3 = report_md[report_md.index("## Table 3"):report_md.index("## Table 4")]
+    assert "ResNet-50 FPN | ours" not in table3
+    for ours, theirs in names.items():
+        paper_ap = paper_numbers.TABLE3_JOINT[theirs]["AP"]
+        assert f"| {ours} | ours |" in table3 and f"| {theirs} | paper | {paper_ap:.1f} |" in table3, ours
+        assert table3.index(f"| {ours} | ours |") < table3.index(f"| {theirs} | paper |")
 
 
 def test_report_diagnostics_and_index(report):
@@ -112,7 +132,7 @@ def summaries(sets: dict, verdicts: C.ClaimsResult, coco) -> dict[str, str]:
                                      table1, verdicts),
         "05": narrative.describe_refinement(per_iteration, monotonicity(per_iteration), ap_table(select(sets, table2_rows(sets)), coco),
                                             hand_record(), verdicts),
-        "06": narrative.describe_joint_and_speed(ap_table(select(sets, TABLE3_ROWS), coco), speed, "CPU", verdicts),
+        "06": narrative.describe_joint_and_speed(ap_table(select(sets, table3_rows("mobilenet_v2")), coco), speed, "CPU", verdicts),
     }
 
 

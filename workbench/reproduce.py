@@ -38,7 +38,8 @@ from . import analysis, distributed
 from .analysis import diagnostics, narrative
 from .analysis.claims import RULE, paper_claims, sentences, verdict_text, write_index
 from .analysis import paper_numbers as paper
-from .analysis.experiments import FIG3_SETS, FIG7_SETS, TABLE1_ROWS, TABLE3_ROWS, refinement_runs, select, table2_rows
+from .analysis.experiments import (FIG3_SETS, FIG7_SETS, TABLE1_ROWS, refinement_runs, select, table2_rows,
+                                   table3_paper_names, table3_rows)
 from .config import TrainConfig, apply_overrides, get_config
 from .data.validate import load_results
 from .files import atomic_write, locked, sha256_file
@@ -272,16 +273,21 @@ def _save_table(df: pd.DataFrame, out: Path, name: str, markdown: str) -> None:
         f.write((markdown + "\n").encode())
 
 
-def _ap_table(rows: dict[str, list[dict]], coco_gt, paper_rows: dict, out: Path, name: str) -> tuple[pd.DataFrame, str]:
-    """COCOeval AP table of ``rows`` with the paper's rows beside ours, written as CSV and Markdown."""
+def _ap_table(rows: dict[str, list[dict]], coco_gt, paper_rows: dict, out: Path, name: str,
+              paper_names: dict[str, str] | None = None) -> tuple[pd.DataFrame, str]:
+    """COCOeval AP table of ``rows`` with the paper's rows beside ours (``paper_names``: see
+    :func:`~workbench.analysis.markdown_table`), written as CSV and Markdown."""
     table = analysis.ap_table(rows, coco_gt)
-    markdown = analysis.markdown_table(table, paper_rows)
+    markdown = analysis.markdown_table(table, paper_rows, paper_names=paper_names)
     _save_table(table, out, name, markdown)
     return table, markdown
 
 
-def write_report(output: PipelineOutput, coco_gt, out: Path, title: str, device: str) -> dict:
-    """Every figure and table of the paper from ``output``; returns the headline numbers."""
+def write_report(output: PipelineOutput, coco_gt, out: Path, title: str, device: str, backbone: str) -> dict:
+    """Every figure and table of the paper from ``output``; returns the headline numbers.
+
+    ``backbone`` (``ModelConfig.backbone`` of the runs) names Table 3's rows.
+    """
     out.mkdir(parents=True, exist_ok=True)
     s = output.sets
     lines = [f"# IoU-Net reproduction: {title}", "",
@@ -349,11 +355,12 @@ def write_report(output: PipelineOutput, coco_gt, out: Path, title: str, device:
 
     # Table 3: joint training.
     if "joint/nms" in s:
-        t3, md3 = _ap_table(select(s, TABLE3_ROWS), coco_gt, paper.TABLE3_JOINT, out, "table3_joint")
+        t3, md3 = _ap_table(select(s, table3_rows(backbone)), coco_gt, paper.TABLE3_JOINT, out, "table3_joint",
+                            table3_paper_names(backbone))
         numbers["table3"] = t3.to_dict("index")
         lines += ["## Table 3: joint training", "",
-                  "Row names follow the paper's; here the backbone is the preset's (MobileNetV2-FPN on the "
-                  "embedded data).", "", md3, "", verdict_text(verdicts, "Table 3"), ""]
+                  "Our rows name the backbone this run used; each is followed by the paper's ResNet-50 row it "
+                  "stands for.", "", md3, "", verdict_text(verdicts, "Table 3"), ""]
 
     # Table 4: time per image.
     t4 = analysis.timing_table(analysis.mean_seconds(output))
@@ -394,7 +401,8 @@ def reproduce(opts: ReproduceOptions) -> Path | None:
     device = ctx.device
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     with _lock(out, f"writing the report {out}"):
-        numbers = write_report(output, val.coco, out, opts.preset, device_name)
+        backbone = get_config(opts.preset, "joint", opts.overrides).model.backbone
+        numbers = write_report(output, val.coco, out, opts.preset, device_name, backbone)
     # reports/index.md: every claim, one column per dataset reported so far (make run: both datasets).
     with _lock(out.parent / "index.md", "writing the claims index"):
         write_index(out.parent)

@@ -25,7 +25,25 @@ TABLE3_ROWS = {
     "ResNet-50 FPN": "nms", "ResNet-50 IoU-Net": "joint/nms", "ResNet-50 IoU-Net + IoU-NMS": "joint/iou-nms",
     "ResNet-50 IoU-Net + IoU-NMS + Refine": "joint/iou-nms+refine",
 }
-"""Table 3 (joint training): the paper's row name -> set (the backbone here is the preset's)."""
+"""Table 3 (joint training): the paper's row name -> set; the paper's rows are ResNet-50 ones."""
+BACKBONE_NAMES = {"mobilenet_v2": "MobileNetV2", "resnet50": "ResNet-50"}
+"""How Table 3's row names spell each ``ModelConfig.backbone``."""
+
+
+def table3_paper_names(backbone: str) -> dict[str, str]:
+    """Table 3's rows named after the backbone actually used: our row name -> the paper's row it stands for.
+
+    Args:
+        backbone: ``ModelConfig.backbone`` of the run (``"mobilenet_v2"``: ``"MobileNetV2 FPN"``, ...).
+    """
+    if backbone not in BACKBONE_NAMES:
+        raise ValueError(f"backbone: expected one of {sorted(BACKBONE_NAMES)}, got {backbone!r}")
+    return {row.replace("ResNet-50", BACKBONE_NAMES[backbone], 1): row for row in TABLE3_ROWS}
+
+
+def table3_rows(backbone: str) -> dict[str, str]:
+    """Table 3 as the run has it: our row name (:func:`table3_paper_names`) -> set."""
+    return {ours: TABLE3_ROWS[row] for ours, row in table3_paper_names(backbone).items()}
 
 
 def select(sets: Mapping[str, Any], names: Mapping[str, str]) -> dict[str, Any]:

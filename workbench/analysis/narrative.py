@@ -16,7 +16,7 @@ from workbench.trajectories import Trajectories
 from . import paper_numbers as paper
 from .claims import ClaimsResult, verdict_text
 from .correlation import LocalizationCorrelation, pearson
-from .experiments import TABLE1_ROWS, TABLE3_ROWS
+from .experiments import TABLE1_ROWS
 from .pooling import PoolingComparison
 from .recall import recall_at
 
@@ -138,12 +138,15 @@ def describe_refinement(per_iteration: pd.DataFrame, mono: pd.DataFrame, table: 
 
 
 def describe_joint_and_speed(table3: pd.DataFrame | None, speed: pd.DataFrame, device: str, verdicts: ClaimsResult) -> str:
-    """What notebook 06 found, as Markdown: Table 3 (``None``: no joint model) with its verdicts, and Table 4's ratio."""
+    """What notebook 06 found, as Markdown: Table 3 (``None``: no joint model) with its verdicts, and Table 4's ratio.
+
+    ``table3``'s rows are those of :func:`~workbench.analysis.experiments.table3_rows`, in that order.
+    """
     lines = []
     if table3 is None:
         lines.append("* **Table 3**: no jointly trained model in this run (`reproduce --no-joint`).")
     else:
-        base, joint, nms, refine = (table3.loc[row] for row in TABLE3_ROWS)
+        base, joint, nms, refine = (row for _, row in table3.iterrows())
         lines.append(f"* **Table 3**: AP {100 * base['AP']:.1f} (detector alone), {100 * joint['AP']:.1f} (joint, NMS), "
                      f"{100 * nms['AP']:.1f} (+ IoU-NMS), {100 * refine['AP']:.1f} (+ refinement). {verdict_text(verdicts, 'Table 3')}")
     lines.append(f"* **Table 4** ({device}): {speed.iloc[0, 0]:.3f} s per image for FPN + NMS, {speed.iloc[1, 0]:.3f} s for "

@@ -33,6 +33,7 @@ def markdown_table(
     scale: float = 100.0,
     digits: int = 1,
     columns: Sequence[str] | None = None,
+    paper_names: Mapping[str, str] | None = None,
 ) -> str:
     """A Markdown table of ``ours``, each row followed by the paper's row of the same name.
 
@@ -43,6 +44,8 @@ def markdown_table(
         scale: multiplies our values before printing (100: fractions -> the paper's percentages).
         digits: decimals printed.
         columns: columns to show, in order (default: all of ``ours``).
+        paper_names: our row name -> the paper's row it is compared with, shown under its own name
+            (default: the row of the same name).
 
     Returns:
         str: ``| Method | Source | <columns> |`` with a ``ours`` and, where known, a ``paper`` row per
@@ -57,6 +60,7 @@ def markdown_table(
     for name, row in ours.iterrows():
         values = [row.get(c) * scale if _is_number(row.get(c)) else row.get(c) for c in columns]
         lines.append("| " + " | ".join([str(name), "ours", *(_cell(v, digits) for v in values)]) + " |")
-        if name in paper:
-            lines.append("| " + " | ".join([str(name), "paper", *(_cell(paper[name].get(c), digits) for c in columns)]) + " |")
+        theirs = (paper_names or {}).get(name, name)
+        if theirs in paper:
+            lines.append("| " + " | ".join([str(theirs), "paper", *(_cell(paper[theirs].get(c), digits) for c in columns)]) + " |")
     return "\n".join(lines) + "\n"
