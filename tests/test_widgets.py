@@ -214,6 +214,19 @@ def test_stop_reason_text_matches_the_record(record, code, marker):
     # An early stop is marked on the IoU plot at the recorded step, a full run is not.
     stopped = trace(stepper.figure, "stopped here")
     assert list(stopped.x) == ([stop] if code else [])
+    if code:  # where the box stopped: its predicted IoU there, and the box no longer moves after it
+        assert list(stopped.y) == [pytest.approx(float(record.predicted_iou[b, stop]))]
+        np.testing.assert_array_equal(record.boxes[b, stop:], np.broadcast_to(record.boxes[b, stop], record.boxes[b, stop:].shape))
+        assert stop == 0 or not np.array_equal(record.boxes[b, stop], record.boxes[b, stop - 1])
+
+
+def test_every_legend_entry_is_named(record):
+    # plotly labels an unnamed trace "trace N" in the legend.
+    stepper = RefinementStepper(record)
+    for b in range(min(3, record.boxes.shape[0])):
+        stepper.show_box(b)
+        shown = [tr for tr in stepper.figure.data if getattr(tr, "showlegend", True) is not False]
+        assert shown and all(tr.name and not tr.name.startswith("trace") for tr in shown), [tr.name for tr in stepper.figure.data]
 
 
 def test_works_without_images():
