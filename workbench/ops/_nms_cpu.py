@@ -226,7 +226,8 @@ def _intersecting_pairs(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
     """
     n = boxes.shape[0]
     x0, y0, x1, y1 = (np.ascontiguousarray(c) for c in boxes.T)
-    area = (x1 - x0) * (y1 - y0)
+    with np.errstate(over="ignore"):  # huge boxes overflow to inf, silently, as in torch's pairwise_iou
+        area = (x1 - x0) * (y1 - y0)
     # Boxes without a positive width and height intersect nothing.
     valid = np.flatnonzero((x1 > x0) & (y1 > y0))
     if not valid.size:
