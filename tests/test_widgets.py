@@ -248,6 +248,75 @@ def test_box_without_ground_truth_draws_none():
         stepper.show_box(2)
 
 
+# The stand-in record's predictor, rebuilt here from its meta: the exact IoU with each box's belief box.
+def stand_in_reference(record: Trajectories, b: int, **knobs):
+    from workbench.ops.boxes import matched_iou
+    from workbench.refine import optimize_boxes
+
+    belief = torch.tensor(record.meta["stand_in_belief"], dtype=torch.float64)[b : b + 1]
+    return optimize_boxes(lambda x: matched_iou(x, belief), torch.from_numpy(record.boxes[b, :1]), **knobs)
+
+
+KNOB_CHANGES = [{"step_size": 2.0}, {"step_scaling": "log", "step_size": 0.02}, {"iterations": 9, "early_stop": 0.0},
+                {"early_stop": 0.02}, {"degeneration": -0.0005, "step_size": 3.0}]
+
+
+@pytest.mark.parametrize("change", KNOB_CHANGES, ids=lambda c: ",".join(c))
+def test_each_setting_reruns_algorithm2_with_it(record, change):
+    from workbench.analysis.refinement import record_knobs, stand_in_rerun
+
+    knobs = {**record_knobs(record.meta), **change}
+    # The box on which these settings change the outcome most: a control that were ignored would show the record.
+    moved = [np.abs(stand_in_reference(record, b, **knobs).trajectory[:, 0].numpy()[-1] - record.boxes[b, -1]).max()
+             for b in range(len(record))]
+    b = int(np.argmax(moved))
+    assert moved[b] > 0.05 or knobs["iterations"] != record.boxes.shape[1] - 1
+    stepper = RefinementStepper(record, rerun=stand_in_rerun(record))
+    stepper.show_box(b)
+    for name, value in change.items():  # as the browser does: one control at a time, each re-runs
+        stepper.knob_controls[name].value = value
+    expected = stand_in_reference(record, b, **knobs)
+    steps = expected.trajectory[:, 0].numpy()  # (T + 1, 4)
+    assert stepper.num_steps == knobs["iterations"] == stepper.slider.max
+    for step in (0, 1, stepper.num_steps):
+        stepper.show_step(step)
+        np.testing.assert_allclose(trace(stepper.figure, "box at step").x, outline(steps[step])[0], atol=1e-9)
+        assert readout_number(stepper.readout.value, "predicted IoU") == pytest.approx(float(expected.predicted[step, 0]), abs=6e-4)
+        true = float(box_iou(torch.from_numpy(steps[step : step + 1]), torch.from_numpy(record.gt_box[b : b + 1]))[0, 0])
+        assert readout_number(stepper.readout.value, "true IoU") == pytest.approx(true, abs=6e-4)
+    np.testing.assert_allclose(trace(stepper.figure, "predicted IoU").y, expected.predicted[:, 0].numpy(), atol=1e-12)
+    assert list(trace(stepper.figure, "predicted IoU").x) == list(range(knobs["iterations"] + 1))
+    # The "stopped here" mark sits on the predicted-IoU line, at the step the re-run stopped.
+    stop, reason = int(expected.stop_step[0]), int(expected.stop_reason[0])
+    stopped = trace(stepper.figure, "stopped here")
+    assert list(stopped.x) == ([stop] if reason else [])
+    if reason:
+        assert list(stopped.y) == [pytest.approx(float(expected.predicted[stop, 0]))]
+    assert "re-run" in stepper.box_label.value
+    shown = [tr for tr in stepper.figure.data if getattr(tr, "showlegend", True) is not False]
+    assert all(tr.name and not re.fullmatch(r"trace \d+", tr.name) for tr in shown)
+    # Back to the record's settings: the record is replayed again.
+    stepper.reset_knobs()
+    assert stepper.num_steps == record.boxes.shape[1] - 1 and "re-run" not in stepper.box_label.value
+    stepper.show_step(stepper.num_steps)
+    np.testing.assert_allclose(trace(stepper.figure, "box at step").x, outline(record.boxes[b, -1])[0])
+
+
+def test_settings_follow_the_next_box_and_bad_settings_are_named(record):
+    from workbench.analysis.refinement import record_knobs, stand_in_rerun
+
+    stepper = RefinementStepper(record, rerun=stand_in_rerun(record))
+    assert {name: c.value for name, c in stepper.knob_controls.items()} == record_knobs(record.meta)
+    stepper.set_knobs(step_size=1.5, iterations=7)
+    stepper.next_box()
+    expected = stand_in_reference(record, stepper.box, **{**record_knobs(record.meta), "step_size": 1.5, "iterations": 7})
+    np.testing.assert_allclose(stepper.shown.boxes[0], expected.trajectory[:, 0].numpy(), atol=1e-12)
+    with pytest.raises(ValueError, match="unknown settings"):
+        stepper.set_knobs(lr=1.0)
+    with pytest.raises(ValueError, match="pass rerun="):
+        RefinementStepper(record).set_knobs(step_size=1.0)
+
+
 def test_rejects_an_empty_record():
     one = hand_record([0.1])
     empty = Trajectories(**{k: v[:0] for k, v in vars(one).items() if k != "meta"})
@@ -550,6 +619,31 @@ def test_training_log_and_prediction_error(tmp_path):
     assert table.loc["[0.5, 0.6)", "mean |error|"] == pytest.approx(round((0.1 + 0.08) / 2, 3))
     assert table.loc["[0.9, 1]", "boxes"] == 2 and table.loc["[0.9, 1]", "bias"] == pytest.approx(-0.075, abs=1e-3)
     assert table["boxes"].sum() == len(matched)
+
+
+def test_train_longer_estimate_from_the_runs_own_log(tmp_path):
+    from workbench.analysis.training_log import train_longer, training_speed
+
+    runs = {}
+    for kind, batch, rates in (("detector", 4, (8.0, 4.0, 4.0)), ("iou", 2, (20.0, 10.0, 2.0))):
+        run = tmp_path / kind
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({"batch_size": batch}))
+        lines = [{"iteration": it, "loss": 1.0, "images_per_s": r} for it, r in zip((10, 20, 30), rates)]
+        (run / "log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        runs[kind] = run
+    # detector: 0.5, 1, 1 s per iteration over three windows of 10; iou: 0.1, 0.2, 1.
+    assert training_speed(runs["detector"]) == {"iterations": 30, "batch_size": 4, "seconds_per_iteration": 1.0, "seconds": 25.0}
+    table = train_longer(runs, 100)
+    assert table.loc["iou", "seconds per iteration"] == pytest.approx(0.2)
+    assert table.loc["iou", "measured seconds"] == pytest.approx(13.0)
+    assert table.loc["detector", "estimated seconds"] == pytest.approx(100.0)
+    assert table.loc["all", "estimated seconds"] == pytest.approx(120.0)
+    with pytest.raises(ValueError, match="iterations must be >= 1"):
+        train_longer(runs, 0)
+    (runs["iou"] / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        training_speed(runs["iou"])
 
 
 def test_refinement_runs_and_speed_from_a_hand_built_output():

@@ -3,6 +3,7 @@ and a stand-in record for demonstrating the refinement stepper without a trained
 
     record = refinement_record(output, stand_in=FAST)   # the pipeline's record, or the stand-in
     refinement_summary(record)                          # per stop reason: steps, IoU before/after, gains
+    record_knobs(record.meta)                           # the Algorithm 2 settings that made it
 
 Fig. 4's curves (AP per iteration) are :func:`workbench.analysis.experiments.refinement_runs`.
 """
@@ -20,11 +21,14 @@ from torchvision.ops import box_convert
 from workbench.data import get_dataset
 from workbench.ops.boxes import matched_iou
 from workbench.paths import project_root
-from workbench.refine import STOP_REASONS, optimize_boxes
+from workbench.refine import STOP_REASONS, Refinement, optimize_boxes
 from workbench.trajectories import Trajectories
 
 if TYPE_CHECKING:  # the pipeline (models, training) is heavy to import; only its output's type is needed
     from workbench.pipeline import PipelineOutput
+
+ALGORITHM2_KNOBS = ("iterations", "step_size", "early_stop", "degeneration", "step_scaling")
+"""Algorithm 2's settings, as :func:`workbench.refine.optimize_boxes` names them: T, λ, Ω1, Ω2, the step reading."""
 
 
 def demo_trajectories(
@@ -69,31 +73,72 @@ def demo_trajectories(
     start = gt_box + noise[:, 0] * jitter * size
     belief = gt_box + noise[:, 1] * belief_error * size
 
-    hyper = dict(iterations=iterations, step_size=0.5, early_stop=0.001, degeneration=-0.01)
+    hyper = dict(iterations=iterations, step_size=0.5, early_stop=0.001, degeneration=-0.01, step_scaling="width")
     result = optimize_boxes(lambda b: matched_iou(b, belief), start, **hyper)
-    steps = result.trajectory.transpose(0, 1)  # (B, T + 1, 4)
-    true_iou = torch.stack([matched_iou(step, gt_box) for step in result.trajectory], dim=1)  # (B, T + 1)
-    record = Trajectories(
-        image_id=np.asarray(image_ids, dtype=np.int64),
-        category_id=np.asarray(category_ids, dtype=np.int64),
-        score=np.ones(len(image_ids)),
-        gt_box=gt_box.numpy(),
-        boxes=steps.numpy(),
-        predicted_iou=result.predicted.T.numpy(),
-        true_iou=true_iou.numpy(),
-        gradient=result.gradients.transpose(0, 1).numpy(),
-        stop_step=result.stop_step.numpy(),
-        stop_reason=result.stop_reason.numpy(),
-        meta={
-            "dataset": "shapes",
-            "ann_file": str(dataset.ann_file.resolve()),
-            "img_dir": str(dataset.img_dir.resolve()),
-            "predictor": "STAND-IN (demo only): exact IoU with a misplaced copy of the ground truth",
-            **hyper,
-        },
-    )
+    record = _record(result, gt_box, {
+        "image_id": np.asarray(image_ids, dtype=np.int64),
+        "category_id": np.asarray(category_ids, dtype=np.int64),
+        "score": np.ones(len(image_ids)),
+    }, meta={
+        "dataset": "shapes",
+        "ann_file": str(dataset.ann_file.resolve()),
+        "img_dir": str(dataset.img_dir.resolve()),
+        "predictor": "STAND-IN (demo only): exact IoU with a misplaced copy of the ground truth",
+        "stand_in_belief": belief.tolist(),  # (B, 4): the box each "prediction" is the IoU with
+        **hyper,
+    })
     name = f"demo-shapes-{num_images}img-seed{seed}"
     return record.save(root / "notebooks" / name / "trajectories.npz")
+
+
+def _record(result: Refinement, gt_box: torch.Tensor, ids: dict[str, np.ndarray], meta: dict) -> Trajectories:
+    """A :class:`Trajectories` of ``result`` (``B`` boxes) with the true IoU against ``gt_box`` (Tensor[B, 4],
+    float64; NaN rows: no ground truth, true IoU 0); ``ids``: ``image_id``, ``category_id``, ``score``."""
+    steps = result.trajectory.transpose(0, 1).double()  # (B, T + 1, 4)
+    has = torch.isfinite(gt_box).all(dim=1)
+    true_iou = torch.zeros(steps.shape[:2], dtype=torch.float64)
+    true_iou[has] = matched_iou(steps[has], gt_box[has][:, None, :])
+    return Trajectories(
+        **ids, gt_box=gt_box.numpy(), boxes=steps.numpy(), predicted_iou=result.predicted.T.double().numpy(),
+        true_iou=true_iou.numpy(), gradient=result.gradients.transpose(0, 1).double().numpy(),
+        stop_step=result.stop_step.numpy(), stop_reason=result.stop_reason.numpy(), meta=meta,
+    )
+
+
+def refinement_to_record(result: Refinement, record: Trajectories, b: int, knobs: dict) -> Trajectories:
+    """One box of ``record`` (index ``b``) refined again (``result``, one box) as a one-box record: its ids and
+    ground truth, the true IoU at every new step, ``knobs`` (the settings used) in its ``meta``."""
+    ids = {"image_id": record.image_id[b : b + 1], "category_id": record.category_id[b : b + 1], "score": record.score[b : b + 1]}
+    return _record(result, torch.from_numpy(record.gt_box[b : b + 1]).double(), ids, {**record.meta, "knobs": dict(knobs)})
+
+
+def record_knobs(meta: dict) -> dict:
+    """The Algorithm 2 settings (:data:`ALGORITHM2_KNOBS`) a record was made with, from its ``meta``: the
+    pipeline's ``settings`` (``refine_*``), or the stand-in's own keys (step reading "width" if unnamed)."""
+    if "knobs" in meta:
+        return dict(meta["knobs"])
+    s = meta.get("settings")
+    if s:
+        return dict(iterations=int(s["refine_iterations"]), step_size=float(s["refine_step_size"]),
+                    early_stop=float(s["refine_early_stop"]), degeneration=float(s["refine_degeneration"]),
+                    step_scaling=s.get("refine_step_scaling", "width"))
+    missing = [k for k in ALGORITHM2_KNOBS[:4] if k not in meta]
+    if missing:
+        raise ValueError(f"the record's meta names no refinement settings (missing {missing})")
+    return {**{k: meta[k] for k in ALGORITHM2_KNOBS[:4]}, "step_scaling": meta.get("step_scaling", "width")}
+
+
+def stand_in_rerun(record: Trajectories):
+    """``rerun(b, knobs)`` for the stand-in record of :func:`demo_trajectories`: box ``b`` refined again from
+    its start with the same stand-in predictor (IoU with its ``stand_in_belief`` box) and the settings
+    ``knobs`` (:data:`ALGORITHM2_KNOBS`), as a one-box record (:func:`refinement_to_record`)."""
+    belief = torch.tensor(record.meta["stand_in_belief"], dtype=torch.float64)  # (B, 4)
+
+    def rerun(b: int, knobs: dict) -> Trajectories:
+        result = optimize_boxes(lambda x: matched_iou(x, belief[b : b + 1]), torch.from_numpy(record.boxes[b, :1]), **knobs)
+        return refinement_to_record(result, record, b, knobs)
+
+    return rerun
 
 
 def refinement_summary(trajectories: Trajectories) -> pd.DataFrame:

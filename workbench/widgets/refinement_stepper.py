@@ -1,7 +1,9 @@
-"""The refinement stepper: Algorithm 2 replayed one box and one step at a time from a saved record.
+"""The refinement stepper: Algorithm 2 replayed one box and one step at a time from a saved record, and
+re-run for the box shown when its settings (λ, Ω1, Ω2, T, the step reading) are changed.
 
     from workbench.trajectories import Trajectories
-    RefinementStepper(Trajectories.load("reports/neon-trees/trajectories.npz"))
+    record = Trajectories.load("reports/shapes/trajectories.npz")
+    RefinementStepper(record, rerun=box_rerun(record, trained_models("shapes")))   # workbench.inference
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from workbench.data.images import CocoImages
-from workbench.refine import RUNNING, STOP_REASONS
+from workbench.analysis.refinement import record_knobs
+from workbench.refine import RUNNING, STEP_SCALINGS, STOP_REASONS
 from workbench.trajectories import Trajectories
 
 from ._plotly import ARROW_COLOR, BOX_COLOR, GT_COLOR, PATH_COLOR, PRED_COLOR, TRUE_COLOR, edge_arrows, png_data_uri, rectangle
@@ -24,6 +27,9 @@ HALO = "halo"  # name of the black lines drawn under outlines (not in the legend
 
 ORDERS = {"record": "file order", "gain": "largest IoU gain first", "loss": "largest IoU loss first"}
 """Box orders of :meth:`RefinementStepper.set_order`: name -> what the dropdown shows."""
+READINGS = {"width": "λ·w·∇ (width)", "log": "λ·w²·∇ (log-scaled)"}
+"""Readings of Algorithm 2's step (:data:`workbench.refine.STEP_SCALINGS`) -> what the dropdown shows."""
+MAX_ITERATIONS = 20  # the T control's range
 
 
 class RefinementStepper:
@@ -44,9 +50,17 @@ class RefinementStepper:
         zoom: show the neighbourhood of the box (its every step and the ground truth, plus a margin)
             rather than the whole image (``zoom=False``: all of it).
 
+        rerun: ``rerun(b, knobs) -> Trajectories``, Algorithm 2 again for record box ``b`` with the settings
+            ``knobs`` (:data:`~workbench.analysis.refinement.ALGORITHM2_KNOBS`) as a one-box record, e.g.
+            :func:`workbench.inference.box_rerun`. With it the settings controls are shown, starting at the
+            record's own settings (:func:`~workbench.analysis.refinement.record_knobs`); without, the record
+            is only replayed.
+
     Controls, each a method too: the step slider (``show_step(i)``; the Play button is ``jslink``-ed to it
     in the browser), previous/next box (``previous_box()``, ``next_box()``, wrapping around), the order
-    dropdown (``set_order("loss")`` puts the box that lost most true IoU first), ``show_box(index)``.
+    dropdown (``set_order("loss")`` puts the box that lost most true IoU first), ``show_box(index)``, and
+    with ``rerun`` the settings (``set_knobs(step_size=0.2, iterations=8)``; ``reset_knobs()``). ``shown`` is
+    the one-box record drawn: the record's box at the record's settings, else ``rerun``'s.
     """
 
     # Trace indices in ``figure.data``.
@@ -60,13 +74,18 @@ class RefinementStepper:
         category_names: dict[int, str] | None = None,
         order: str = "record",
         zoom: bool = True,
+        rerun: Callable[[int, dict], Trajectories] | None = None,
     ) -> None:
         if len(trajectories) == 0:
             raise ValueError("the refinement record holds no boxes")
         self.trajectories = trajectories
         self.images = images if images is not None else CocoImages.from_meta(trajectories.meta)
         self.category_names = category_names or getattr(self.images, "category_names", {}) or {}
-        self.num_steps = trajectories.boxes.shape[1] - 1  # T
+        self.num_steps = trajectories.boxes.shape[1] - 1  # T of the box shown
+        self.rerun = rerun
+        self.record_knobs = record_knobs(trajectories.meta) if rerun is not None else {}
+        self.knobs = dict(self.record_knobs)
+        self.shown: Trajectories | None = None
         self.zoom = zoom
         self.order = np.arange(len(trajectories))
         self.order_name = "record"
@@ -83,6 +102,7 @@ class RefinementStepper:
                                      description="order", layout=W.Layout(width="260px"))
         self.box_label = W.HTML()
         self.readout = W.HTML()
+        self.knob_controls = self._build_knob_controls() if rerun is not None else {}
         self.figure = self._build_figure()
 
         self.slider.observe(lambda change: self._draw_step(change["new"]), names="value")
@@ -91,6 +111,7 @@ class RefinementStepper:
         self.order_menu.observe(lambda change: self._apply_order(change["new"]), names="value")
         self.ui = W.VBox([
             W.HBox([self.order_menu, self.previous_button, self.next_button]),
+            *([self.knob_box] if rerun is not None else []),
             self.box_label,
             W.HBox([self.play, self.slider]),
             self.readout,
@@ -100,6 +121,24 @@ class RefinementStepper:
 
     def _repr_mimebundle_(self, **kwargs):
         return self.ui._repr_mimebundle_(**kwargs)
+
+    def _build_knob_controls(self) -> dict[str, W.Widget]:
+        k, wide = self.knobs, dict(style={"description_width": "initial"}, layout=W.Layout(width="170px"))
+        controls = {
+            "step_size": W.BoundedFloatText(value=k["step_size"], min=1e-6, max=1e3, step=0.01, description="λ (step size)", **wide),
+            "step_scaling": W.Dropdown(options=[(READINGS[r], r) for r in STEP_SCALINGS], value=k["step_scaling"],
+                                       description="step", layout=W.Layout(width="230px")),
+            "early_stop": W.BoundedFloatText(value=k["early_stop"], min=0.0, max=1.0, step=0.0005, description="Ω1", **wide),
+            "degeneration": W.BoundedFloatText(value=k["degeneration"], min=-1.0, max=-1e-6, step=0.005, description="Ω2", **wide),
+            "iterations": W.IntSlider(value=k["iterations"], min=1, max=max(MAX_ITERATIONS, k["iterations"]), description="T",
+                                      continuous_update=False, layout=W.Layout(width="260px")),
+        }
+        for name, control in controls.items():
+            control.observe(lambda change, name=name: self._knob_changed(name, change["new"]), names="value")
+        self.reset_button = W.Button(description="record's settings", tooltip="back to the settings the record was made with")
+        self.reset_button.on_click(lambda _: self.reset_knobs())
+        self.knob_box = W.HBox([*controls.values(), self.reset_button], layout=W.Layout(flex_flow="row wrap"))
+        return controls
 
     # --- what is shown -------------------------------------------------------------------------------
 
@@ -121,8 +160,7 @@ class RefinementStepper:
 
     def stop_text(self, step: int) -> str:
         """What the readout says about stopping at ``step``: empty while the box still moves."""
-        t = self.trajectories
-        b = self.box
+        t, b = self.shown, 0
         stop = int(t.stop_step[b])
         if step < stop:
             return ""
@@ -154,6 +192,33 @@ class RefinementStepper:
     def previous_box(self) -> None:
         self._select((self.position - 1) % len(self.order))
 
+    def set_knobs(self, **knobs) -> None:
+        """Re-run the box shown (and every box shown next) with these Algorithm 2 settings (``step_size``,
+        ``early_stop``, ``degeneration``, ``iterations``, ``step_scaling``), others unchanged; needs ``rerun``."""
+        if self.rerun is None:
+            raise ValueError("this stepper replays a record only: pass rerun= to change its settings")
+        unknown = set(knobs) - set(self.knob_controls)
+        if unknown:
+            raise ValueError(f"unknown settings {sorted(unknown)}; expected some of {list(self.knob_controls)}")
+        self._applying = True  # one re-run for all of them, not one per control
+        try:
+            for name, value in knobs.items():
+                self.knob_controls[name].value = value
+        finally:
+            self._applying = False
+        self.knobs.update({name: self.knob_controls[name].value for name in knobs})
+        self._select(self.position)
+
+    def reset_knobs(self) -> None:
+        """Back to the settings the record was made with: the record replayed."""
+        self.set_knobs(**self.record_knobs)
+
+    def _knob_changed(self, name: str, value) -> None:
+        if getattr(self, "_applying", False):
+            return
+        self.knobs[name] = value
+        self._select(self.position)
+
     def set_order(self, name: str) -> None:
         """Order the boxes by ``name`` (see :data:`ORDERS`) and show the first one."""
         self.box_order(name)  # validates
@@ -169,8 +234,21 @@ class RefinementStepper:
         self.order_name = name
         self._select(0)
 
+    def _shown_record(self) -> Trajectories:
+        """The current box as a one-box record: the record's own at its settings, else re-run."""
+        b = self.box
+        if self.rerun is None or self.knobs == self.record_knobs:
+            t = self.trajectories
+            return Trajectories(**{f: getattr(t, f)[b : b + 1] for f in ("image_id", "category_id", "score", "gt_box", "boxes",
+                                   "predicted_iou", "true_iou", "gradient", "stop_step", "stop_reason")}, meta=t.meta)
+        return self.rerun(b, dict(self.knobs))
+
     def _select(self, position: int) -> None:
         self.position = position
+        self.shown = self._shown_record()
+        self.num_steps = self.shown.boxes.shape[1] - 1
+        for control in (self.play, self.slider):
+            control.max = self.num_steps
         image = self._draw_image()  # a message of its own: no other trace takes ``source``
         with self.figure.batch_update():
             self._draw_box(image)
@@ -220,7 +298,7 @@ class RefinementStepper:
 
     def _draw_box(self, image: np.ndarray | None) -> None:
         """Everything that stays while the steps of one box are stepped through (one batch: x and y only)."""
-        t, b, fig = self.trajectories, self.box, self.figure
+        t, b, fig = self.shown, 0, self.figure
         image_id = int(t.image_id[b])
         corners = t.boxes[b].reshape(-1, 2)  # (2 (T + 1), 2) (x, y)
         if np.isfinite(t.gt_box[b]).all():
@@ -242,21 +320,30 @@ class RefinementStepper:
         fig.data[self.GT_HALO].update(x=gt_x, y=gt_y)
         fig.data[self.GT].update(x=gt_x, y=gt_y)
         steps = list(range(self.num_steps + 1))
+        fig.layout.xaxis2.range = [-0.3, self.num_steps + 0.3]
         fig.data[self.PREDICTED].update(x=steps, y=t.predicted_iou[b].tolist())
         fig.data[self.TRUE].update(x=steps, y=t.true_iou[b].tolist())
         stop = int(t.stop_step[b])
         stopped_early = int(t.stop_reason[b]) != RUNNING
         fig.data[self.STOPPED].update(x=[stop] if stopped_early else [], y=[float(t.predicted_iou[b, stop])] if stopped_early else [])
         name = self.category_names.get(int(t.category_id[b]), f"category {int(t.category_id[b])}")
-        fig.layout.annotations[0].text = f"image {image_id}, {name}: box #{b}"
+        fig.layout.annotations[0].text = f"image {image_id}, {name}: box #{self.box}"
         gain = float(t.gain[b])
         self.box_label.value = (
-            f"box {self.position + 1} of {len(self.order)} ({ORDERS[self.order_name]}): record #{b}, image {image_id}, "
-            f"{name}; true IoU {t.true_iou[b, 0]:.3f} → {t.true_iou[b, -1]:.3f} (<b>{gain:+.3f}</b>)"
+            f"box {self.position + 1} of {len(self.order)} ({ORDERS[self.order_name]}): record #{self.box}, image {image_id}, "
+            f"{name}; true IoU {t.true_iou[b, 0]:.3f} → {t.true_iou[b, -1]:.3f} (<b>{gain:+.3f}</b>)" + self._knob_text()
         )
 
+    def _knob_text(self) -> str:
+        if self.rerun is None:
+            return ""
+        k = self.knobs
+        which = "the record's settings" if k == self.record_knobs else "<b>re-run</b> with these settings"
+        return (f"<br>{which}: λ = {k['step_size']:g}, step {READINGS[k['step_scaling']]}, Ω1 = {k['early_stop']:g}, "
+                f"Ω2 = {k['degeneration']:g}, T = {k['iterations']}")
+
     def _draw_step_into_figure(self, step: int) -> None:
-        t, b, fig = self.trajectories, self.box, self.figure
+        t, b, fig = self.shown, 0, self.figure
         box = t.boxes[b, step]
         x, y = rectangle(box)
         vector = t.gradient[b, step] if step < self.num_steps else np.zeros(4)
@@ -268,7 +355,7 @@ class RefinementStepper:
         fig.layout.shapes[0].update(x0=step, x1=step)
 
     def _write_readout(self, step: int) -> None:
-        t, b = self.trajectories, self.box
+        t, b = self.shown, 0
         stop = self.stop_text(step)
         self.readout.value = (
             f"<span style='font-size:15px'><b>step {step} of {self.num_steps}</b> &nbsp; "
