@@ -37,6 +37,7 @@ from workbench.models import (
     jitter_targets,
     raw_detections,
     regress_boxes,
+    same_features,
     target_to_iou,
     to_coco_results,
 )
@@ -395,6 +396,57 @@ def test_standalone_iou_net_on_a_detector_freezes_a_copy(detector, images):
     assert model.backbone is not detector.backbone
     with pytest.raises(ValueError, match="does not match"):
         StandaloneIoUNet(num_classes=5, detector=detector)
+
+
+def _with_frozen_batch_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy whose every BatchNorm2d is a FrozenBatchNorm2d with the same tensors: what a detector
+    built on pretrained weights has, and so the IoU-Net copied from it."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(module.num_features, eps=module.eps).train(module.training)
+            for key in ("weight", "bias", "running_mean", "running_var"):
+                getattr(frozen, key).copy_(getattr(module, key).detach())
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, frozen)
+    return model
+
+
+def test_same_features_is_judged_by_the_weights_and_the_transform(detector, images):
+    iou_net = StandaloneIoUNet(detector=detector).eval()
+    with torch.no_grad():  # batch-norm statistics that are not the identity, so frozen vs not matters
+        for module in iou_net.backbone.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    base = copy.deepcopy(detector)
+    base.backbone = copy.deepcopy(iou_net.backbone)
+    frozen = _with_frozen_batch_norms(iou_net)
+    assert same_features(base, iou_net) and same_features(base, frozen) and same_features(frozen, base)
+    with torch.no_grad():
+        mine, theirs = extract_features(frozen, images).features, extract_features(base, images).features
+    for level in mine:  # same function, different rounding
+        torch.testing.assert_close(mine[level], theirs[level], rtol=1e-5, atol=1e-5)
+
+    changed = copy.deepcopy(frozen)
+    with torch.no_grad():
+        next(changed.backbone.fpn.parameters())[0].view(-1)[0] += 1e-3
+    assert not same_features(base, changed)
+    moved = copy.deepcopy(frozen)
+    with torch.no_grad():
+        next(m for m in moved.backbone.modules() if type(m).__name__ == "FrozenBatchNorm2d").running_var[0] += 1e-3
+    assert not same_features(base, moved)
+    resized = copy.deepcopy(frozen)
+    resized.transform.min_size = (SIZE + 32,)
+    assert not same_features(base, resized)
+    assert not same_features(base.train(), frozen)  # batch statistics in training mode
+    base.eval()
+    strided = copy.deepcopy(base)
+    conv = next(m for m in strided.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    conv.stride = (1, 1) if conv.stride != (1, 1) else (2, 2)
+    assert not same_features(base, strided)
 
 
 def test_frozen_backbone_feature_cache_gives_the_uncached_loss(detector, images):

@@ -180,3 +180,101 @@ def test_evaluation_sharded_over_two_ranks_equals_one_process(tmp_path):
                 distance = torch.cdist(a, b, p=float("inf"))
                 assert distance.min(1).values.max() < 1e-3 and distance.min(0).values.max() < 1e-3, (name, image_id)
     assert len(two.trajectories) == len(one.trajectories)
+
+
+# ============================================================ reuse of features and of refined boxes
+
+
+class _AnalyticIoU:
+    """Stands in for an IoU-Net: the IoU of each box with the target of its own class, box by box."""
+
+    def __init__(self, targets: dict[int, torch.Tensor]) -> None:
+        self.targets = targets
+
+    def predict_iou(self, feats, boxes: list[torch.Tensor], labels: list[torch.Tensor]) -> list[torch.Tensor]:
+        b = boxes[0]
+        t = torch.stack([self.targets[int(label)] for label in labels[0]]) if len(b) else b.new_zeros(0, 4)
+        inter = (torch.min(b[:, 2:], t[:, 2:]) - torch.max(b[:, :2], t[:, :2])).clamp(min=0).prod(1)
+        union = (b[:, 2:] - b[:, :2]).prod(1) + (t[:, 2:] - t[:, :2]).prod(1) - inter
+        return [inter / union]
+
+
+def _refinement_fields(result) -> dict[str, torch.Tensor]:
+    return {f: getattr(result, f) for f in ("boxes", "scores", "trajectory", "predicted", "gradients",
+                                            "stop_step", "stop_reason")}
+
+
+@pytest.mark.parametrize("case", ["overlapping", "nothing refined before", "everything refined before", "empty"])
+def test_refining_only_the_boxes_not_refined_before_gives_the_full_refinement(case):
+    from types import SimpleNamespace
+
+    from workbench.pipeline import _refine_reusing, _refine_steps
+
+    model = _AnalyticIoU({1: torch.tensor([10.0, 10.0, 50.0, 60.0], dtype=torch.float64),
+                          2: torch.tensor([30.0, 20.0, 90.0, 70.0], dtype=torch.float64)})
+    feats = SimpleNamespace(original_sizes=[(100, 120)])
+    s = PipelineSettings(refine_top=6, refine_iterations=4, refine_step_size=0.5, refine_step_scaling="width",
+                         refine_early_stop=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    xy = torch.rand(8, 2, generator=gen, dtype=torch.float64) * 40
+    pool = torch.cat([xy, xy + 20 + torch.rand(8, 2, generator=gen, dtype=torch.float64) * 30], 1)
+    labels = torch.tensor([1, 2, 1, 2, 1, 2, 1, 2])
+    pool_labels = labels.clone()
+    pool_labels[1] = 1  # row 1 below comes once with each label: the label is part of what a box is
+    nms_rows, earlier_rows = {
+        "overlapping": ([0, 1, 2, 3, 4, 5, 6], [5, 8, 0, 3, 7]),  # 8: row 1 with the other label
+        "nothing refined before": ([0, 1, 2], [4, 5]),
+        "everything refined before": ([3, 0, 2], [0, 2, 3, 6]),
+        "empty": ([0, 1], []),
+    }[case]
+    boxes = torch.cat([pool, pool[1:2]])
+    box_labels = torch.cat([pool_labels, labels[1:2]])
+
+    def det(rows):
+        rows = torch.tensor(rows, dtype=torch.long)
+        return {"boxes": boxes[rows], "labels": box_labels[rows], "scores": torch.linspace(1, 0.5, len(rows))}
+
+    earlier = _refine_steps(model, feats, det(earlier_rows), s)
+    top, reused = _refine_reusing(model, feats, det(nms_rows), earlier, s)
+    expected_top, expected = _refine_steps(model, feats, det(nms_rows), s)
+    assert all(torch.equal(top[k], expected_top[k]) for k in expected_top)
+    assert len(top["boxes"]) == min(len(nms_rows), s.refine_top)
+    for name, value in _refinement_fields(expected).items():
+        assert torch.equal(_refinement_fields(reused)[name], value), name
+    assert expected.trajectory.shape[1] == 0 or not torch.equal(expected.trajectory[0], expected.trajectory[-1])
+
+
+def _tiny_models_and_data(tmp_path):
+    from workbench.data import CocoDetection, prepare_dataset
+    from workbench.models import StandaloneIoUNet, build_detector
+
+    root = prepare_dataset("shapes", tmp_path / "data", seed=5, num_train=1, num_val=2, image_size=96)
+    val = CocoDetection(root / "annotations" / "val.json", root / "images")
+    torch.manual_seed(0)
+    detector = build_detector(val.num_classes, pretrained_backbone=False, min_size=96, max_size=96,
+                              rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=40).eval()
+    return val, detector, StandaloneIoUNet(detector=detector).eval()
+
+
+@pytest.mark.slow
+def test_pipeline_reuses_the_detectors_maps_and_gives_what_recomputing_them_gives(tmp_path, monkeypatch):
+    import workbench.pipeline as pipeline
+
+    val, detector, iou_net = _tiny_models_and_data(tmp_path)
+    settings = PipelineSettings(score_thresh=0.0, raw_max_detections=30, refine_top=10, refine_iterations=2,
+                                regression_iterations=1)
+    grads = [p.requires_grad for p in iou_net.parameters()]
+    computed = []
+    extract = type(iou_net).extract_features
+    monkeypatch.setattr(type(iou_net), "extract_features", lambda self, *a, **k: computed.append(1) or extract(self, *a, **k))
+    shared = pipeline.run_pipeline(val, detector, iou_net, settings)
+    assert not computed  # the IoU-Net's frozen copy of the backbone never ran
+    assert [p.requires_grad for p in iou_net.parameters()] == grads and any(grads)  # restored after the run
+
+    monkeypatch.setattr(pipeline, "same_features", lambda a, b: False)
+    recomputed = pipeline.run_pipeline(val, detector, iou_net, settings)
+    assert len(computed) == len(val)
+    assert shared.sets.keys() == recomputed.sets.keys() and len(shared.sets["raw"]) > 0
+    for name in shared.sets:  # the same maps, so the same numbers, bit for bit
+        assert shared.sets[name] == recomputed.sets[name], name
+    assert "IoU-Net (predict IoU)" in shared.seconds and pipeline.NMS_REFINE_STAGE in shared.seconds

@@ -29,10 +29,10 @@ from tqdm import tqdm
 
 from . import distributed
 from .data.validate import validate_results
-from .models import extract_features, raw_detections, regress_boxes, to_coco_results
+from .models import extract_features, raw_detections, regress_boxes, same_features, to_coco_results
 from .ops.boxes import matched_iou, pairwise_iou
 from .postprocess import METHODS, suppress
-from .refine import iterative_regression, optimize_boxes
+from .refine import Refinement, iterative_regression, optimize_boxes
 from .trajectories import Trajectories
 
 
@@ -83,6 +83,10 @@ class PipelineOutput:
     image_ids: list[int] = field(default_factory=list)
 
 
+# Stage name of the refinement after NMS: it refines only NMS's boxes that IoU-guided NMS did not keep.
+NMS_REFINE_STAGE = "refinement (nms, boxes iou-nms did not keep)"
+
+
 class _Clock:
     """Per-stage wall time of one image; synchronizes CUDA so times are the GPU's too."""
 
@@ -114,6 +118,41 @@ def _refine_steps(model: nn.Module, feats, det: dict[str, Tensor], s: PipelineSe
     return top, optimize_boxes(_iou_scorer(model, feats, top["labels"]), top["boxes"], s.refine_iterations,
                                s.refine_step_size, s.refine_early_stop, s.refine_degeneration,
                                image_size=feats.original_sizes[0], step_scaling=s.refine_step_scaling)
+
+
+def _refine_reusing(model: nn.Module, feats, det: dict[str, Tensor], done: tuple[dict[str, Tensor], Refinement],
+                    s: PipelineSettings) -> tuple[dict[str, Tensor], Refinement]:
+    """:func:`_refine_steps` on ``det``, refining only the boxes (coordinates and label) that ``done``,
+    an earlier refinement on the same features, did not: a box's refinement depends on that box alone
+    (its own pooling, scores and stops), so the others' records are copied from ``done``."""
+    done_top, done_result = done
+    top = {k: v[: s.refine_top] for k, v in det.items()}
+
+    def key(d: dict[str, Tensor]) -> Tensor:
+        return torch.cat([d["boxes"], d["labels"][:, None].to(d["boxes"].dtype)], 1)
+
+    same = (key(top)[:, None, :] == key(done_top)[None, :, :]).all(-1)  # (K, K_done)
+    found = same.any(1)
+    new = torch.where(~found)[0]
+    _, fresh = _refine_steps(model, feats, {k: v[new] for k, v in top.items()}, s)
+    earlier = same.to(torch.uint8).argmax(1) if same.numel() else found.new_zeros(found.shape, dtype=torch.long)
+    index = torch.where(found, earlier, len(done_top["boxes"]) + (~found).cumsum(0) - 1)
+    return top, Refinement.cat([done_result, fresh]).select(index)
+
+
+@contextlib.contextmanager
+def _without_parameter_grads(*models: nn.Module | None) -> Iterator[None]:
+    """Parameters off the autograd graph meanwhile: Algorithm 2 differentiates w.r.t. the boxes only, and
+    a parameter that requires grad makes every backward also compute its weight gradient (through the
+    IoU head's 12544 x 1024 layer as costly as the box gradient), never used."""
+    params = [p for m in models if m is not None for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def _with_boxes(det: dict[str, Tensor], boxes: Tensor) -> dict[str, Tensor]:
@@ -152,9 +191,12 @@ def _trajectory_record(top: dict[str, Tensor], result, target: dict[str, Tensor]
 
 def _image_sets(
     image: Tensor, detector: nn.Module, iou_net: nn.Module, joint: nn.Module | None,
-    s: PipelineSettings, clock: _Clock, nms_kwargs: dict, external: dict[str, Tensor] | None,
+    s: PipelineSettings, clock: _Clock, nms_kwargs: dict, external: dict[str, Tensor] | None, share_features: bool,
 ) -> tuple[dict[str, dict[str, Tensor]], tuple]:
-    """All detection sets of one image (tensors on the CPU) and the refinement to record."""
+    """All detection sets of one image (tensors on the CPU) and the refinement to record.
+
+    ``share_features``: the IoU-Net's backbone computes the detector's maps (:func:`same_features`),
+    so those are reused instead of computed again."""
     sets: dict[str, dict[str, Tensor]] = {}
     with torch.no_grad():
         if external is None:
@@ -165,7 +207,7 @@ def _image_sets(
             feats, raw = None, {k: v.to(image.device) for k, v in external.items()}
         raw = {k: v[: s.raw_max_detections] for k, v in raw.items()}
         with clock.stage("IoU-Net (predict IoU)"):
-            iou_feats = iou_net.extract_features([image])
+            iou_feats = feats if share_features and feats is not None else iou_net.extract_features([image])
             raw["ious"] = iou_net.predict_iou(iou_feats, [raw["boxes"]], [raw["labels"]])[0]
     sets["raw"] = raw
     for method in METHODS[1:]:
@@ -173,12 +215,15 @@ def _image_sets(
             sets[method] = suppress(raw, method, max_detections=s.max_detections, **nms_kwargs)
 
     refined = {}
+    with clock.stage("refinement (iou-nms)"):
+        refined["iou-nms"] = _refine_steps(iou_net, iou_feats, sets["iou-nms"], s)
+    # IoU-guided NMS keeps its boxes' coordinates, so most of NMS's top boxes were just refined.
+    with clock.stage(NMS_REFINE_STAGE):
+        refined["nms"] = _refine_reusing(iou_net, iou_feats, sets["nms"], refined["iou-nms"], s)
     for start in ("nms", "iou-nms"):
-        with clock.stage(f"refinement ({start})"):
-            top, result = _refine_steps(iou_net, iou_feats, sets[start], s)
+        top, result = refined[start]
         for t in range(result.trajectory.shape[0]):
             sets[f"{start}+refine/{t}"] = _with_boxes(top, result.trajectory[t])
-        refined[start] = (top, result)
 
     if feats is not None and s.regression_iterations:
         top = {k: v[: s.refine_top] for k, v in sets["nms"].items()}
@@ -240,6 +285,7 @@ def run_pipeline(
     if detector is None and external is None:
         raise ValueError("run_pipeline needs a detector or external_detections")
 
+    share_features = detector is not None and external is None and same_features(detector, iou_net)
     indices = list(range(len(dataset)))[: s.max_images or None][ctx.rank:: ctx.world_size]
     per_set: dict[str, list[dict]] = defaultdict(list)
     seconds: dict[str, list[float]] = defaultdict(list)
@@ -248,10 +294,11 @@ def run_pipeline(
         image, target = dataset[i]
         image_id = int(target["image_id"])
         clock = _Clock(device)
-        sets, (top, result) = _image_sets(
-            image.to(device), detector, iou_net, joint, s, clock, nms_kwargs,
-            None if external is None else external.get(image_id, _no_detections()),
-        )
+        with _without_parameter_grads(detector, iou_net, joint):
+            sets, (top, result) = _image_sets(
+                image.to(device), detector, iou_net, joint, s, clock, nms_kwargs,
+                None if external is None else external.get(image_id, _no_detections()), share_features,
+            )
         for name, det in sets.items():
             fields = {k: det[k] for k in ("boxes", "scores", "labels")}
             if name == "raw":

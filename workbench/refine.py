@@ -18,7 +18,7 @@ Each box stops on its own: when its predicted IoU no longer changes
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +61,24 @@ class Refinement:
     gradients: Tensor
     stop_step: Tensor
     stop_reason: Tensor
+
+    def select(self, index: Tensor) -> Refinement:
+        """The record of the boxes ``index`` (``Int64Tensor[M]``, positions among the ``K`` boxes), in that order."""
+        return Refinement(boxes=self.boxes[index], scores=self.scores[index], trajectory=self.trajectory[:, index],
+                          predicted=self.predicted[:, index], gradients=self.gradients[:, index],
+                          stop_step=self.stop_step[index], stop_reason=self.stop_reason[index])
+
+    @staticmethod
+    def cat(parts: Sequence[Refinement]) -> Refinement:
+        """The records of several runs with the same number of steps, their boxes one after the other."""
+        if not parts:
+            raise ValueError("Refinement.cat needs at least one record")
+        return Refinement(boxes=torch.cat([p.boxes for p in parts]), scores=torch.cat([p.scores for p in parts]),
+                          trajectory=torch.cat([p.trajectory for p in parts], 1),
+                          predicted=torch.cat([p.predicted for p in parts], 1),
+                          gradients=torch.cat([p.gradients for p in parts], 1),
+                          stop_step=torch.cat([p.stop_step for p in parts]),
+                          stop_reason=torch.cat([p.stop_reason for p in parts]))
 
 
 def _score_and_gradient(score_fn: Callable[[Tensor], Tensor], boxes: Tensor, gradient: bool = True

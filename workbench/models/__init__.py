@@ -3,7 +3,7 @@
 | module | what |
 | --- | --- |
 | ``backbones`` | MobileNetV2 / ResNet-50 + FPN, same five-level layout |
-| ``features`` | ``extract_features``: transform + backbone once, box mapping between frames |
+| ``features`` | ``extract_features``: transform + backbone once, box mapping between frames; ``same_features`` |
 | ``detector`` | ``build_detector``, ``raw_detections`` (no NMS), ``regress_boxes``, ``to_coco_results`` |
 | ``jitter`` | IoU-head training boxes: jittered ground truth, uniform in IoU |
 | ``pooling`` | ``MultiScalePrRoIPool``: PrRoI Pooling at FPN's level for each box |
@@ -12,7 +12,7 @@
 
 from .backbones import build_backbone
 from .detector import build_detector, raw_detections, regress_boxes, to_coco_results
-from .features import FeatureBatch, extract_features
+from .features import FeatureBatch, extract_features, same_features
 from .iou_net import (
     IoUHead,
     JointIoUNet,
@@ -41,6 +41,7 @@ __all__ = [
     "predict_ious",
     "raw_detections",
     "regress_boxes",
+    "same_features",
     "target_to_iou",
     "to_coco_results",
 ]

@@ -17,9 +17,18 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.transform import resize_boxes
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+# Batch norm in eval mode and FrozenBatchNorm2d compute the same affine map from the same four
+# tensors; a detector loaded for inference has the first, the IoU-Net's frozen copy the second.
+_BATCH_NORMS = (nn.BatchNorm2d, FrozenBatchNorm2d)
+# The transform's settings that decide the input tensor (resizing, normalization, padding).
+_TRANSFORM_SETTINGS = ("min_size", "max_size", "image_mean", "image_std", "size_divisible", "fixed_size",
+                       "_skip_resize")
 
 
 @dataclass
@@ -84,3 +93,42 @@ def extract_features(
         features = OrderedDict([("0", features)])
     return FeatureBatch(image_list, features, original_sizes, resized_targets)
 
+
+
+def _same_module(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two (sub)modules in eval mode compute the same function of their input, judged by type,
+    settings (``extra_repr``: strides, padding, groups ...) and direct parameters and buffers."""
+    if a.training or b.training:
+        return False  # dropout, batch statistics: the output depends on more than the weights
+    if isinstance(a, _BATCH_NORMS) and isinstance(b, _BATCH_NORMS):
+        if a.eps != b.eps or any(getattr(m, "track_running_stats", True) is False for m in (a, b)):
+            return False
+        names = ("weight", "bias", "running_mean", "running_var")
+        return all(torch.equal(getattr(a, n), getattr(b, n)) for n in names)
+    if type(a) is not type(b) or a.extra_repr() != b.extra_repr():
+        return False
+    tensors_a = {**dict(a.named_parameters(recurse=False)), **dict(a.named_buffers(recurse=False))}
+    tensors_b = {**dict(b.named_parameters(recurse=False)), **dict(b.named_buffers(recurse=False))}
+    return tensors_a.keys() == tensors_b.keys() and all(
+        t.shape == tensors_b[n].shape and t.dtype == tensors_b[n].dtype and t.device == tensors_b[n].device
+        and torch.equal(t, tensors_b[n]) for n, t in tensors_a.items())
+
+
+def same_features(a: nn.Module, b: nn.Module) -> bool:
+    """Whether :func:`extract_features` gives the same maps with ``a`` as with ``b``, so one model's can
+    stand in for the other's (e.g. a standalone IoU-Net's frozen copy of its detector's backbone).
+
+    Judged by the weights, never by a config: both transforms have the same resizing, normalization
+    and padding, and both backbones, in eval mode, have the same modules (type and settings) with
+    equal parameters and buffers, module by module. A ``BatchNorm2d`` in eval mode and a
+    ``FrozenBatchNorm2d`` with the same four tensors and ``eps`` count as the same; their outputs
+    then agree to float rounding, not bit for bit. The check costs one comparison of the weights:
+    call it once per model pair, not per image.
+    """
+    ta, tb = getattr(a, "transform", None), getattr(b, "transform", None)
+    if ta is None or tb is None or type(ta) is not type(tb) or ta.training or tb.training:
+        return False  # in training mode the resize draws its size
+    if any(getattr(ta, k, None) != getattr(tb, k, None) for k in _TRANSFORM_SETTINGS):
+        return False
+    modules_a, modules_b = dict(a.backbone.named_modules()), dict(b.backbone.named_modules())
+    return modules_a.keys() == modules_b.keys() and all(_same_module(m, modules_b[n]) for n, m in modules_a.items())
