@@ -87,12 +87,18 @@ def test_reproduce_end_to_end_on_a_tiny_config_then_from_cache(tmp_path):
         assert heading in report
     numbers = json.loads((out / "numbers.json").read_text())
 
-    # Everything cached: no training, no inference; the same numbers.
+    # Everything cached: no training, no inference, the report kept as it is; the same numbers.
+    written = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     start = time.perf_counter()
     reproduce(opts)
     second = time.perf_counter() - start
     assert json.loads((out / "numbers.json").read_text()) == numbers
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == written
     assert second < first
+    # A report file changed by hand is not trusted: the report is written again, the same.
+    (out / "report.md").write_text("edited")
+    reproduce(opts)
+    assert (out / "report.md").read_text() == report
 
 
 def _tiny_shapes(tmp_path, **kwargs) -> ReproduceOptions:

@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from . import analysis, distributed
+from . import analysis, distributed, report_cache
 from .analysis import diagnostics, narrative
 from .analysis.claims import RULE, paper_claims, sentences, verdict_text, write_index
 from .analysis import paper_numbers as paper
@@ -388,21 +388,46 @@ def write_report(output: PipelineOutput, coco_gt, out: Path, title: str, device:
     return numbers
 
 
+REPORT_INPUTS: tuple[str, ...] = ()
+"""Files :func:`write_report` reads besides the pipeline's output: a change to one writes the report again."""
+
+
+def _report_key(opts: ReproduceOptions, device_name: str, backbone: str) -> str | None:
+    """What the report of ``opts`` is made from (:func:`workbench.report_cache.report_key`); ``None``
+    while a model is untrained (its pipeline output cannot be named yet)."""
+    path = pipeline_cache_path(opts)
+    if path is None:
+        return None
+    return report_cache.report_key(path.name, REPORT_INPUTS, title=opts.preset, device=device_name, backbone=backbone)
+
+
 def reproduce(opts: ReproduceOptions) -> Path | None:
-    """Run every stage; return the report folder (on rank 0)."""
+    """Run every stage; return the report folder (on rank 0). A report folder already written from the
+    same inputs (:mod:`workbench.report_cache`) is kept as it is."""
     start = time.perf_counter()
     ctx = distributed.setup("auto")
     out = Path(opts.out_dir or f"reports/{opts.preset}")
-
-    output, val = _run(opts, ctx)
+    device = ctx.device
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    backbone = get_config(opts.preset, "joint", opts.overrides).model.backbone
+    with distributed.main_first(ctx):  # naming the pipeline output may prepare the data: one rank first
+        key = _report_key(opts, device_name, backbone)
+    with _lock(out, f"checking the report {out}"):
+        current = key is not None and report_cache.is_current(out, key)
+    # Every rank follows the same path: the pipeline is a collective.
+    if not distributed.any_rank(ctx, not current):
+        if ctx.is_main:
+            print(f"reusing {out}: written from the same pipeline output, code and settings")
+            numbers = json.loads((out / "numbers.json").read_text())
+    else:
+        output, val = _run(opts, ctx)
+        if ctx.is_main:
+            with _lock(out, f"writing the report {out}"):
+                numbers = write_report(output, val.coco, out, opts.preset, device_name, backbone)
+                report_cache.stamp(out, key or _report_key(opts, device_name, backbone))
     if not ctx.is_main:
         distributed.teardown(ctx)
         return None
-    device = ctx.device
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    with _lock(out, f"writing the report {out}"):
-        backbone = get_config(opts.preset, "joint", opts.overrides).model.backbone
-        numbers = write_report(output, val.coco, out, opts.preset, device_name, backbone)
     # reports/index.md: every claim, one column per dataset reported so far (make run: both datasets).
     with _lock(out.parent / "index.md", "writing the claims index"):
         write_index(out.parent)
