@@ -52,7 +52,7 @@ from workbench.analysis.iou_prediction import (
     predicted_vs_true_iou,
 )
 from workbench.analysis.narrative import describe_iou_training
-from workbench.analysis.training_log import plot_training_log, training_log
+from workbench.analysis.training_log import plot_training_log, train_longer, training_log
 from workbench.models import JitterConfig
 from workbench.results import coco_images, figure_saver, pipeline_results
 
@@ -94,6 +94,32 @@ save(plot_jittered_boxes(jittered, images(first), image_id=first, num_bins=confi
 # %%
 log = training_log(results.run_dirs["iou"])
 save(plot_training_log(log, title="standalone IoU-Net (frozen detector backbone)"), "02_training_curve")
+
+# %% [markdown]
+# ### Training longer
+#
+# The presets train briefly, so that `make run` fits in minutes on two CPU cores; the paper trains
+# 160k iterations of 16 images. To train every model longer and run the pipeline on the new models
+# (new run folders; the current ones are kept), from the repository root:
+#
+# ```bash
+# python -m workbench reproduce --config shapes --no-joint --iterations 1200
+# ```
+#
+# `--iterations` sets every model's length and rescales its schedule (warm-up over the first 1/16, ×0.1
+# at 3/4); `--set KEY=VALUE` changes any other config key, e.g. `--set batch_size=8` or
+# `--set optim.lr=0.005` (`python -m workbench train --config shapes --model iou --dry-run` prints them
+# all). The notebooks keep reading the preset's runs; to read the longer one, pass the same options:
+# `pipeline_results(options=ReproduceOptions(preset="shapes", joint=False, iterations={"detector": 1200, "iou": 1200}))`
+# (`from workbench.reproduce import ReproduceOptions`).
+#
+# What that would cost on this machine, at the speed each run's own `log.jsonl` measured (median
+# seconds per iteration over its logging windows, `train_longer`); nothing is trained here:
+
+# %%
+LONGER = 1200  # iterations per model to estimate
+print(f"python -m workbench reproduce --config {DATASET} --no-joint --iterations {LONGER}")
+train_longer(results.run_dirs, LONGER).round(2)
 
 # %% [markdown]
 # ## Predicted vs true IoU on held-out boxes
@@ -138,3 +164,5 @@ display(Markdown(describe_iou_training(jittered, log, matched, min_iou=config.mi
 #    On `neon-trees`, with one class, compare small and large boxes instead.
 # 4. From `log`, at what fraction of the iterations does `loss_iou` stop falling? Is that before or after
 #    the learning rate drops at 3/4?
+# 5. With the estimate above, how many iterations could each model train in one hour here? Which model
+#    would you give the extra time to, judging by its training curve?

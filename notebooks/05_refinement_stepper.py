@@ -50,6 +50,7 @@ from workbench.analysis.experiments import refinement_runs, select, table2_rows
 from workbench.analysis.label_noise import describe_label_noise, label_noise_table
 from workbench.analysis.narrative import describe_refinement
 from workbench.analysis.refinement import refinement_record, refinement_summary
+from workbench.inference import box_rerun, detect, example_image, plot_detections, trained_models
 from workbench.results import dataset_results, figure_saver, run_label
 from workbench.widgets import RefinementStepper
 
@@ -130,9 +131,16 @@ print(f"{len(trajectories[LAB])} boxes, T = {trajectories[LAB].boxes.shape[1] - 
 #
 # **order → largest IoU loss first** puts the boxes that refinement made *worse* one click away: there the predicted IoU climbs while the true IoU
 # falls, i.e. the predictor's optimum is not the object.
+#
+# The second row holds Algorithm 2's settings, starting at those the record was made with: the step size
+# **λ**, the **step** reading (`λ·w·∇`, Algorithm 2 as written, or `λ·w²·∇`, a step in log-scaled
+# coordinates; see `workbench/refine.py`), **Ω1**, **Ω2** and **T**. Change one and the box shown is refined
+# again from the same start, with the trained IoU-Net on its image's features (`box_rerun`; for the
+# stand-in record, its stand-in predictor); the line above the figure says which settings you are looking at.
 
 # %%
-stepper = RefinementStepper(trajectories[LAB])
+models = {LAB: trained_models(LAB, fast=FAST)}
+stepper = RefinementStepper(trajectories[LAB], rerun=box_rerun(trajectories[LAB], models[LAB]))
 stepper
 
 # %% [markdown]
@@ -153,6 +161,25 @@ refinement_summary(trajectories[LAB])
 # Read the table by stop reason; "misled" counts boxes whose predicted IoU rose while their true IoU
 # fell. Neither stopping rule can notice those, since Ω1 and Ω2 only look at the predictor.
 #
+# ### The trained models on an image of your own
+#
+# `detect` runs what the pipeline runs on one image: the detector, the IoU-Net's predicted IoU of every
+# raw detection, IoU-guided NMS (`method="nms"`: plain NMS) and Algorithm 2 with the pipeline's settings,
+# and returns one row per kept box (`x0, y0, x1, y1` in pixels, class, score, predicted IoU, the refined
+# box). `IMAGE` is the first validation image of the lab; put the path of any RGB image there (PNG, JPEG,
+# ...) or an `(H, W, 3)` uint8 array. The lab's models know only the lab's shapes, so expect shapes. The
+# models are `make run`'s (`trained_models` says so and trains them first if they are missing; in fast
+# mode, the tiny run's).
+
+# %%
+IMAGE = example_image(models[LAB])  # e.g. IMAGE = "my_picture.png"
+found = detect(IMAGE, models=models[LAB])
+found.head(10).round(3)
+
+# %%
+save(plot_detections(IMAGE, found, top=10), "05_detect_your_image")
+
+# %% [markdown]
 # ## 2 · Real data: `neon-trees`, where boxes are drawn by hand
 #
 # The same analyses on aerial images of tree crowns. Refinement climbs the predicted IoU, so it can only
@@ -201,7 +228,9 @@ display(Markdown(describe_label_noise(noise, LAB, REAL)))
 #    step 0? What does that say about the predictor's gradient near this box?
 # 2. Fig. 4's regression curve: at which iteration does it peak on each dataset, and what does the
 #    paper say causes the drop after (Sec. 2.2)?
-# 3. `refinement_summary` splits boxes by stop reason. Which reason dominates, and what would happen to
-#    the gains if `T` were doubled but Ω1 kept?
-# 4. On `neon-trees`, how many pixels may a box of the median size be off at IoU 0.9 (table above)? If
+# 3. `refinement_summary` splits boxes by stop reason. Which reason dominates? In the stepper, set `T` to
+#    10 on a box that ran every iteration: does its true IoU keep rising? Then set Ω1 to 0 and compare.
+# 4. In the stepper, switch the step reading between `λ·w·∇` and `λ·w²·∇` on a large and on a small box,
+#    keeping λ. Which reading moves the large box further, and why (see `box_size_scale`)?
+# 5. On `neon-trees`, how many pixels may a box of the median size be off at IoU 0.9 (table above)? If
 #    labels are off by about as much, what AP90 gain could refinement show even if it were perfect?

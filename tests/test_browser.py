@@ -48,7 +48,7 @@ class Lab:
     def __init__(self, tmp: Path) -> None:
         self.notebooks = tmp / "notebooks"
         self.notebooks.mkdir()
-        for name in ("01_prroi_pooling.ipynb", "05_refinement_stepper.ipynb"):
+        for name in ("01_prroi_pooling.ipynb", "04_nms.ipynb", "05_refinement_stepper.ipynb"):
             shutil.copy(REPO / "notebooks" / name, self.notebooks / name)
         self.root = tmp / "root"  # WORKBENCH_ROOT: the demo record and its data go here
         app_settings = tmp / "app-settings"
@@ -221,7 +221,8 @@ def assert_draws_box(trace: dict, box, tol: float) -> None:
 
 
 def press_slider(page, output, description: str, key: str, times: int) -> None:
-    slider = output.locator(".widget-slider").filter(has=page.locator("label", has_text=description))
+    label = page.locator("label", has_text=re.compile(rf"^\s*{re.escape(description)}\s*$"))  # "T" is also in "step"
+    slider = output.locator(".widget-slider").filter(has=label)
     handle = slider.locator(".noUi-handle")
     handle.focus()
     for _ in range(times):
@@ -232,14 +233,20 @@ def readout(output) -> str:
     return output.locator(".widget-html").nth(1).inner_text()
 
 
-def test_refinement_stepper_in_the_browser(lab, browser):
-    from workbench.trajectories import Trajectories
-
-    page = browser.new_page(viewport={"width": 1300, "height": 1000})
-    run_all(page, lab, "05_refinement_stepper.ipynb")
+def first_widget(browser, lab: Lab, notebook: str, height: int = 1000):
+    """A page with ``notebook`` run in it (no widget errors, no stderr), and the output of its first plotly widget, drawn."""
+    page = browser.new_page(viewport={"width": 1300, "height": height})
+    run_all(page, lab, notebook)
     assert_no_widget_errors(page)
     output = page.locator(".jp-OutputArea-output").filter(has=page.locator(".js-plotly-plot")).first
     output.locator(".js-plotly-plot .scatterlayer .trace").first.wait_for(timeout=30_000)
+    return page, output
+
+
+def test_refinement_stepper_in_the_browser(lab, browser):
+    from workbench.trajectories import Trajectories
+
+    page, output = first_widget(browser, lab, "05_refinement_stepper.ipynb")
 
     (record_path,) = lab.root.glob("cache/notebooks/*/trajectories.npz")
     record = Trajectories.load(record_path)
@@ -271,7 +278,8 @@ def test_refinement_stepper_in_the_browser(lab, browser):
     output.screenshot(path=str(ARTIFACTS / "refinement_stepper_step3.png"))
 
     # The worst case is one click away: order by loss, the box that lost most true IoU comes first.
-    output.locator("select").select_option(label="largest IoU loss first")
+    output.locator(".widget-dropdown").filter(has=page.locator("label", has_text="order")).locator("select").select_option(
+        label="largest IoU loss first")
     worst = int(np.argmin(record.gain))
     wait_until(lambda: f"record #{worst}," in output.locator(".widget-html").first.inner_text(), 20, "the worst box")
     wait_until(lambda: find(plotly_traces(page, output), "box at step")["name"] == "box at step 0", 20, "step 0 of the worst box")
@@ -281,9 +289,41 @@ def test_refinement_stepper_in_the_browser(lab, browser):
     from workbench.refine import STOP_REASONS
 
     assert STOP_REASONS[int(record.stop_reason[worst])] in readout(output)
-
     assert_no_widget_errors(page)
     output.screenshot(path=str(ARTIFACTS / "refinement_stepper_worst_box.png"))
+
+    # A longer run with a larger step, set with the controls: the box is refined again, and the figure shows
+    # that run (Algorithm 2 called here with the stand-in's predictor), the stop mark on its line.
+    import torch
+
+    from workbench.analysis.refinement import record_knobs
+    from workbench.ops.boxes import matched_iou
+    from workbench.refine import optimize_boxes
+
+    press_slider(page, output, "T", "ArrowRight", 3)
+    step_size = output.locator(".widget-text").filter(has=page.locator("label", has_text="λ")).locator("input")
+    step_size.fill("2")
+    step_size.press("Enter")
+    knobs = {**record_knobs(record.meta), "iterations": num_steps + 3, "step_size": 2.0}
+    belief = torch.tensor(record.meta["stand_in_belief"], dtype=torch.float64)[worst : worst + 1]
+    expected = optimize_boxes(lambda x: matched_iou(x, belief), torch.from_numpy(record.boxes[worst, :1]), **knobs)
+    wait_until(lambda: "λ = 2," in output.locator(".widget-html").first.inner_text(), 20, "the re-run with λ = 2")
+    wait_until(lambda: f"step 0 of {num_steps + 3}" in readout(output), 20, "the re-run's T")
+    predicted = find(plotly_traces(page, output), "predicted IoU")
+    assert predicted["x"] == list(range(num_steps + 4))
+    np.testing.assert_allclose(predicted["y"], expected.predicted[:, 0].numpy(), atol=1e-9)
+    stopped = find(plotly_traces(page, output), "stopped here")
+    stop = int(expected.stop_step[0])
+    assert stopped["x"] == ([stop] if int(expected.stop_reason[0]) else [])
+    if stopped["x"]:
+        assert stopped["y"] == [pytest.approx(float(expected.predicted[stop, 0]))]
+    # Arrow keys: noUiSlider's End key keeps the range the slider was created with (the record's T).
+    press_slider(page, output, "step", "ArrowRight", num_steps + 3)
+    wait_until(lambda: f"step {num_steps + 3} of {num_steps + 3}" in readout(output), 20, "the re-run's last step")
+    assert_draws_box(find(plotly_traces(page, output), "box at step"), expected.trajectory[-1, 0].numpy(), tol=max(pixel, 0.5))
+    assert_legend_names(output, {"ground truth", "box at every step", "predicted IoU", "true IoU"})
+    assert_no_widget_errors(page)
+    output.screenshot(path=str(ARTIFACTS / "refinement_stepper_rerun.png"))
     page.close()
 
 
@@ -314,4 +354,130 @@ def test_pooling_notebook_in_the_browser(lab, browser):
     assert_no_widget_errors(page)
     ARTIFACTS.mkdir(exist_ok=True)
     output.screenshot(path=str(ARTIFACTS / "pooling_explorer.png"))
+    page.close()
+
+
+def nms_explorer_view(output) -> dict:
+    """What the NMS explorer shows: its table (one dict per row, as read), the numbers drawn on the image
+    (text and data position of each), and the drawn outlines of the two box traces, in data coordinates."""
+    return output.evaluate(
+        """el => {
+            const gd = el.querySelector('.js-plotly-plot');
+            const rows = [];
+            const table = el.querySelector('table.nms-table');
+            const head = table ? Array.from(table.querySelectorAll('thead th')).map(th => th.innerText.trim()) : [];
+            if (table) table.querySelectorAll('tbody tr').forEach(tr => {
+                const cells = Array.from(tr.querySelectorAll('td')).map(td => td.innerText.trim());
+                rows.push(Object.fromEntries(head.map((h, i) => [h, cells[i]])));
+            });
+            const view = {rows, numbers: [], outlines: {}};
+            gd.querySelectorAll('.scatterlayer .trace').forEach(g => {
+                const trace = g.__data__[0].trace;
+                const xa = gd._fullLayout[trace.xaxis.replace('x', 'xaxis')];
+                const ya = gd._fullLayout[trace.yaxis.replace('y', 'yaxis')];
+                if (trace.name === 'box numbers') {
+                    g.querySelectorAll('.textpoint text').forEach(t => view.numbers.push(
+                        [t.textContent, xa.p2c(Number(t.getAttribute('x'))), ya.p2c(Number(t.getAttribute('y')))]));
+                    view.number_data = {x: Array.from(trace.x || []), y: Array.from(trace.y || []), text: Array.from(trace.text || [])};
+                }
+                if (trace.name === 'survives' || trace.name === 'suppressed') {
+                    const points = [];  // one path per outline: plotly splits a line at its gaps
+                    g.querySelectorAll('path.js-line').forEach(path => {
+                        const nums = (path.getAttribute('d').match(/-?\\d+(\\.\\d+)?(e-?\\d+)?/g) || []).map(Number);
+                        for (let i = 0; i + 1 < nums.length; i += 2) points.push([xa.p2c(nums[i]), ya.p2c(nums[i + 1])]);
+                    });
+                    view.outlines[trace.name] = points;
+                }
+            });
+            view.header = table ? table.parentElement.querySelector('b').innerText : '';
+            return view;
+        }"""
+    )
+
+
+def torchvision_nms_fate(boxes, scores, labels, threshold: float, cap: int) -> tuple[set[int], dict[int, int]]:
+    """Survivors of class-wise NMS by ``torchvision.ops.batched_nms`` (capped to the ``cap`` highest scores), and
+    for every other box the survivor that removed it: the first kept box (in score order) of its class that
+    overlaps it by more than ``threshold``, as greedy NMS decides."""
+    import torch
+    from torchvision.ops import batched_nms, box_iou
+
+    keep = batched_nms(boxes, scores, labels, threshold)  # by decreasing score
+    kept = [int(k) for k in keep]
+    removed_by = {}
+    iou = box_iou(boxes, boxes)
+    for i in range(len(boxes)):
+        if i not in kept:
+            removed_by[i] = next(k for k in kept if labels[k] == labels[i] and iou[i, k] > threshold)
+    return set(kept[:cap]), removed_by
+
+
+def expected_rows(scores: np.ndarray, removed_by: dict[int, int], min_score: float, rows: int) -> list[int]:
+    """The boxes the explorer must list: the ``rows`` highest-scored at ``min_score`` or above, plus the boxes
+    that removed any of them, by decreasing score."""
+    top = [int(i) for i in np.argsort(-scores, kind="stable") if scores[i] >= min_score][:rows]
+    listed = set(top) | {removed_by[i] for i in top if i in removed_by}
+    return sorted(listed, key=lambda i: (-scores[i], i))
+
+
+def test_nms_explorer_in_the_browser(lab, browser):
+    import torch
+
+    from workbench.results import pipeline_results
+
+    page, output = first_widget(browser, lab, "04_nms.ipynb", height=1100)
+    output.locator("table.nms-table").wait_for(timeout=30_000)
+
+    # The same raw detections the notebook's explorer was given (the fast run the notebook trained, from its cache).
+    raw = pipeline_results(fast=True, root=lab.root).output.sets["raw"]
+    view = nms_explorer_view(output)
+    image_id = int(re.search(r"on image (\d+)", view["header"]).group(1))
+    mine = [d for d in raw if d["image_id"] == image_id]  # the table's "#": position among this image's detections
+    xywh = np.array([d["bbox"] for d in mine], dtype=np.float64)
+    boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+    scores = np.array([d["score"] for d in mine], dtype=np.float64)
+    labels = torch.tensor([d["category_id"] for d in mine])
+    kept, removed_by = torchvision_nms_fate(torch.from_numpy(boxes), torch.from_numpy(scores), labels, 0.5, 100)
+
+    def check(view, min_score: float) -> list[int]:
+        numbers = [int(r["#"]) for r in view["rows"]]
+        assert numbers == expected_rows(scores, removed_by, min_score, rows=12)
+        for row in view["rows"]:
+            i = int(row["#"])
+            assert float(row["score"]) == pytest.approx(scores[i], abs=6e-4)
+            assert float(row["predicted IoU"]) == pytest.approx(mine[i]["iou_pred"], abs=6e-4)
+            assert (row["after"] == "survives") == (i in kept), row
+            if i not in kept:
+                assert row["why"].startswith(f"suppressed by #{removed_by[i]}:"), row
+        # Every listed box, and only those, carries its number at its top-left corner, as drawn.
+        drawn = sorted((int(text), x, y) for text, x, y in view["numbers"])
+        assert [n for n, _, _ in drawn] == sorted(numbers)
+        tolerance = 0.02 * float(boxes[:, 2].max())  # about a pixel of the drawn image, in image units
+        for n, x, y in drawn:
+            assert abs(x - boxes[n, 0]) < tolerance and abs(y - boxes[n, 1]) < tolerance, (n, x, y, boxes[n])
+        for trace, rows in (("survives", [i for i in numbers if i in kept]), ("suppressed", [i for i in numbers if i not in kept])):
+            points = np.array(view["outlines"].get(trace, [])).reshape(-1, 2)
+            for i in rows:
+                x0, y0, x1, y1 = boxes[i]
+                for corner in ((x0, y0), (x1, y0), (x1, y1), (x0, y1)):
+                    assert np.abs(points - corner).max(axis=1).min() < tolerance, (trace, i, corner)
+            assert len(points) <= 5 * len(rows) + 1, f"{trace}: more outlines drawn than listed boxes"
+        return numbers
+
+    before = check(view, 0.05)
+    assert f"{len(kept)} of {len(mine)} boxes survive" in output.inner_text()
+
+    # Raise the score control with the keyboard: the table must follow, to the rule computed here.
+    presses = int(round((float(np.sort(scores)[-4]) - 0.05) / 0.01))  # just below the 4th-highest score
+    press_slider(page, output, "min score", "ArrowRight", presses)
+    value = 0.05 + 0.01 * presses
+    wait_until(lambda: len(nms_explorer_view(output)["rows"]) < len(before), 30, "the table to shrink")
+    slider_value = float(output.locator(".widget-slider").filter(has=page.locator("label", has_text="min score"))
+                         .locator(".widget-readout").inner_text())
+    assert slider_value == pytest.approx(value, abs=1e-6)
+    after = check(nms_explorer_view(output), slider_value)
+    assert set(after) < set(before)
+    assert_no_widget_errors(page)
+    ARTIFACTS.mkdir(exist_ok=True)
+    output.screenshot(path=str(ARTIFACTS / "nms_explorer.png"))
     page.close()

@@ -30,9 +30,11 @@ module                 paper
 ``pooling_gradient``   Eq. 4: the gradient w.r.t. a bin's edges (autograd, Eq. 4, finite
                        differences); Fig. 6 in motion (one edge slid)
 ``iou_prediction``     Sec. 3.1: jittered training boxes; predicted vs true IoU, error per bin
-``training_log``       a run's ``log.jsonl``: losses and learning rate
+``training_log``       a run's ``log.jsonl``: losses and learning rate; its measured speed and
+                       what a longer run would cost (``train_longer``)
 ``suppression``        Algorithm 1 and NMS box by box: who suppressed whom; Fig. 1a's gallery
-``refinement``         Algorithm 2 box by box: summaries of a refinement record, a stand-in record
+``refinement``         Algorithm 2 box by box: summaries of a refinement record, a stand-in record,
+                       its settings (``record_knobs``) and the stand-in's re-run for other settings
 =====================  =======================================================================
 """
 
