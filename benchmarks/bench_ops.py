@@ -10,15 +10,18 @@ peer of every NMS variant is ``torchvision.ops.nms`` on the same boxes (the issu
 Soft-NMS has no torchvision counterpart).
 
 On the CPU it also times the pipeline (:func:`workbench.pipeline.run_pipeline`) per stage and per
-image on the validation images of the ``shapes`` and ``neon-trees`` presets, with the newest
-checkpoints in ``runs/`` (``<preset>-detector-*``, ``<preset>-iou-*``; without an IoU-Net
-checkpoint, an untrained IoU head on the detector's backbone, which costs the same), the first
-image left out as warm-up. The row that matters is refinement (after IoU-guided NMS) / detector.
+image on the validation images of the ``shapes`` and ``neon-trees`` presets, with the checkpoints
+``reproduce --config <preset> --no-joint`` uses (without its IoU-Net checkpoint, an untrained IoU
+head on the detector's backbone, which costs the same), the first image left out as warm-up. The
+row that matters is refinement (after IoU-guided NMS) / detector. The IoU-Net stage reuses the
+detector's maps when its frozen backbone has the same weights; refinement after NMS refines only
+the boxes IoU-guided NMS did not keep (the others' refinement is the same).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -126,35 +129,37 @@ def run(device: str, repeat: int, quick: bool) -> list[dict]:
     return rows
 
 
-def _newest(pattern: str) -> Path | None:
-    found = sorted(RUNS.glob(pattern), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
-
-
 def pipeline_stages(preset: str, images: int) -> dict | None:
     """Mean seconds per image of each pipeline stage on ``images`` validation images of ``preset`` (CPU)."""
-    from workbench.config import TrainConfig, apply_overrides
+    # reproduce's paths are relative to the repository root: data, checkpoints (the IoU-Net's config
+    # names its detector's by one, and its run folder is named after its config).
+    with contextlib.chdir(RUNS.parent):
+        return _pipeline_stages(preset, images)
+
+
+def _pipeline_stages(preset: str, images: int) -> dict | None:
     from workbench.models import StandaloneIoUNet
     from workbench.pipeline import PipelineSettings, run_pipeline
-    from workbench.reproduce import load_model
-    from workbench.train import build_dataset, load_checkpoint
+    from workbench.reproduce import ReproduceOptions, load_model
+    from workbench.reproduce import stages as reproduce_stages
+    from workbench.train import build_dataset
 
-    det_ckpt, iou_ckpt = _newest(f"{preset}-detector-*/ckpt.pt"), _newest(f"{preset}-iou-*/ckpt.pt")
-    if det_ckpt is None:
-        print(f"  {preset}: no detector checkpoint in {RUNS}, pipeline not timed")
+    plan = reproduce_stages(ReproduceOptions(preset=preset, joint=False))
+    det_ckpt, iou_ckpt = (Path(plan.train[kind].out_dir) / "ckpt.pt" for kind in ("detector", "iou"))
+    if not det_ckpt.is_file():
+        print(f"  {preset}: no detector checkpoint {det_ckpt}, pipeline not timed")
         return None
     cpu = torch.device("cpu")
     detector = load_model(det_ckpt, cpu)
-    iou_net = load_model(iou_ckpt, cpu) if iou_ckpt else StandaloneIoUNet(detector=detector).eval()
-    val = build_dataset(apply_overrides(TrainConfig.from_dict(load_checkpoint(det_ckpt)["config"]), ["data.split=val"]))
-    out = run_pipeline(val, detector, iou_net, PipelineSettings(max_images=images + 1))
+    iou_net = load_model(iou_ckpt, cpu) if iou_ckpt.is_file() else StandaloneIoUNet(detector=detector).eval()
+    out = run_pipeline(build_dataset(plan.val), detector, iou_net, PipelineSettings(max_images=images + 1))
     stages = {name: float(np.mean(values[1:])) for name, values in out.seconds.items()}
     for name, seconds in stages.items():
-        print(f"  {preset:<11} {name:<40} {seconds * 1e3:9.1f} ms / image")
+        print(f"  {preset:<11} {name:<46} {seconds * 1e3:9.1f} ms / image")
     ratio = stages[REFINE_STAGE] / stages[DETECTOR_STAGE]
     print(f"  {preset:<11} refinement / detector: {ratio:.2f}")
-    return {"preset": preset, "images": images, "detector_checkpoint": str(det_ckpt.relative_to(RUNS.parent)),
-            "iou_checkpoint": str(iou_ckpt.relative_to(RUNS.parent)) if iou_ckpt else "untrained IoU head",
+    return {"preset": preset, "images": images, "detector_checkpoint": str(det_ckpt),
+            "iou_checkpoint": str(iou_ckpt) if iou_ckpt.is_file() else "untrained IoU head",
             "ms_per_image": {k: round(v * 1e3, 1) for k, v in stages.items()},
             "refinement_over_detector": round(ratio, 3)}
 
