@@ -90,7 +90,40 @@ def run_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = (add_train, add_reproduce)
+def add_tune_step(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tune-step", help="choose Algorithm 2's step reading and size on the held-out shapes tune split",
+                       description="Refine after NMS with both step readings (width: λ·w·grad, log: λ·w²·grad) over a "
+                                   "λ grid on held-out images; write experiments/step_sweep_<config>.{json,md}. Uses "
+                                   "the models `reproduce --config <config> --no-joint` trains (trained first if missing).")
+    p.add_argument("--config", default="shapes", help="preset with a tune split (shapes); default shapes")
+    p.add_argument("--images", type=int, default=100, help="tune images (default 100)")
+    p.add_argument("--out", default="experiments", help="output folder (default experiments)")
+    p.add_argument("--grid", action="append", default=[], metavar="READING=λ,λ,...",
+                   help="λ values of one reading, e.g. --grid width=0.5,1,2 --grid log=0.02,0.05 (default: step_sweep.GRID)")
+    p.set_defaults(run=run_tune_step)
+
+
+def run_tune_step(args: argparse.Namespace) -> int:
+    from .analysis.step_sweep import tune_step
+    from .reproduce import ReproduceOptions
+
+    if args.config != "shapes":
+        raise SystemExit(f"error: --config {args.config!r}: only 'shapes' has a held-out tune split")
+    if args.images < 1:
+        raise SystemExit(f"error: --images must be >= 1, got {args.images}")
+    grid = {}
+    for spec in args.grid:
+        reading, _, values = spec.partition("=")
+        try:
+            grid[reading] = tuple(float(v) for v in values.split(","))
+        except ValueError:
+            raise SystemExit(f"error: --grid {spec!r}: expected READING=λ,λ,... with numbers, e.g. log=0.02,0.05") from None
+    _, meta = tune_step(ReproduceOptions(preset=args.config, joint=False), args.images, args.out, **({"grid": grid} if grid else {}))
+    print(json.dumps({k: meta[k] for k in ("chosen", "current_default", "chosen_is_current_default")}))
+    return 0
+
+
+COMMANDS = (add_train, add_reproduce, add_tune_step)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

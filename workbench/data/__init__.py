@@ -21,7 +21,7 @@ from torch import Tensor
 from .coco import CocoDetection, Target
 from .folder import SPLITS, annotation_file, image_dir
 from .neon import prepare_neon
-from .shapes import prepare_shapes
+from .shapes import TUNE, prepare_shapes, prepare_shapes_tune
 
 __all__ = ["DATASETS", "CocoDetection", "collate_fn", "get_dataset", "prepare_dataset"]
 
@@ -49,11 +49,15 @@ def get_dataset(name: str, split: str, root: str | Path = "cache/data", **option
 
     Args:
         name: ``"neon-trees"``, ``"shapes"`` or ``"coco"``.
-        split: ``"train"`` or ``"val"`` (for ``"coco"`` only a label: the files are given directly).
+        split: ``"train"`` or ``"val"`` (for ``"coco"`` only a label: the files are given directly);
+            ``shapes`` also has ``"tune"``, held out for choosing inference hyper-parameters
+            (:func:`~workbench.data.shapes.prepare_shapes_tune`).
         root: parent folder of prepared datasets (git-ignored ``cache/data`` by default).
         **options: ``transforms`` for :class:`CocoDetection`, plus per dataset:
 
-            - ``shapes``: ``seed``, ``num_train``, ``num_val``, ``image_size`` (see :func:`prepare_dataset`).
+            - ``shapes``: ``seed``, ``num_train``, ``num_val``, ``image_size`` (see :func:`prepare_dataset`);
+              for ``"tune"`` also ``num_tune`` (default 100), and ``num_train``/``num_val`` are accepted
+              but do not matter (a models' data config can be pointed at the tune split as it is).
             - ``coco``: ``ann_file`` and ``img_dir`` (required), e.g. MS-COCO 2017 as distributed.
 
     Returns:
@@ -68,8 +72,14 @@ def get_dataset(name: str, split: str, root: str | Path = "cache/data", **option
         return CocoDetection(options["ann_file"], options["img_dir"], transforms=transforms)
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {list(DATASETS)}")
+    if name == "shapes" and split == TUNE:
+        _check_options(name, options, {"seed", "num_train", "num_val", "image_size", "num_tune"})
+        tune_options = {k: v for k, v in options.items() if k in ("seed", "num_tune", "image_size")}
+        folder = prepare_shapes_tune(root, **tune_options)
+        return CocoDetection(annotation_file(folder, split), image_dir(folder), transforms=transforms)
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r} for {name!r}; expected one of {list(SPLITS)}")
+        extra = [TUNE] if name == "shapes" else []
+        raise ValueError(f"unknown split {split!r} for {name!r}; expected one of {[*SPLITS, *extra]}")
     folder = prepare_dataset(name, root, **options)
     return CocoDetection(annotation_file(folder, split), image_dir(folder), transforms=transforms)
 

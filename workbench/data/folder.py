@@ -50,12 +50,13 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
     return manifest if isinstance(manifest, dict) else None
 
 
-def is_prepared(folder: Path, params: dict[str, Any]) -> bool:
-    """True when ``folder`` holds a complete dataset generated with exactly ``params``."""
+def is_prepared(folder: Path, params: dict[str, Any], splits: tuple[str, ...] = SPLITS) -> bool:
+    """True when ``folder`` holds a complete dataset generated with exactly ``params``, with an
+    annotation file for each of ``splits``."""
     manifest = read_manifest(folder)
     if manifest is None or manifest.get("params") != params:
         return False
-    return all(annotation_file(folder, s).is_file() for s in SPLITS)
+    return all(annotation_file(folder, s).is_file() for s in splits)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -65,7 +66,8 @@ def write_json(path: Path, obj: Any) -> None:
         f.write((json.dumps(obj, sort_keys=True, separators=(",", ":")) + "\n").encode())
 
 
-def prepare_atomically(folder: Path, params: dict[str, Any], build: Callable[[Path], dict[str, Any]]) -> Path:
+def prepare_atomically(folder: Path, params: dict[str, Any], build: Callable[[Path], dict[str, Any]],
+                       splits: tuple[str, ...] = SPLITS) -> Path:
     """Build a dataset folder once: skip if already prepared with ``params``, else build it atomically.
 
     Args:
@@ -73,12 +75,13 @@ def prepare_atomically(folder: Path, params: dict[str, Any], build: Callable[[Pa
         params: everything the content depends on; stored in the manifest and compared on the next call.
         build: ``build(tmp_dir) -> summary`` writes annotations and images into ``tmp_dir``; the summary
             (counts, split description) goes into the manifest next to ``params``.
+        splits: the splits ``build`` writes (a held-out split such as shapes' ``tune`` has a folder of its own).
 
     Returns:
         ``folder``.
     """
     folder = Path(folder)
-    if is_prepared(folder, params):
+    if is_prepared(folder, params, splits):
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     # The temporary folder is a sibling so the final rename stays on one file system (atomic on POSIX).
@@ -86,17 +89,17 @@ def prepare_atomically(folder: Path, params: dict[str, Any], build: Callable[[Pa
     try:
         summary = build(tmp)
         write_json(tmp / MANIFEST, {"params": params, **summary})
-        _replace_dir(tmp, folder, params)
+        _replace_dir(tmp, folder, params, splits)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
-def _replace_dir(new: Path, folder: Path, params: dict[str, Any]) -> None:
+def _replace_dir(new: Path, folder: Path, params: dict[str, Any], splits: tuple[str, ...]) -> None:
     """Move ``new`` to ``folder``, replacing an outdated or unfinished ``folder``."""
     if folder.exists():
-        if is_prepared(folder, params):
+        if is_prepared(folder, params, splits):
             return  # a concurrent preparation finished first with the same parameters: keep its copy
         # Rename the old folder away first so there is no moment with a mix of old and new files.
         trash = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
@@ -108,6 +111,6 @@ def _replace_dir(new: Path, folder: Path, params: dict[str, Any]) -> None:
             os.replace(new, folder)
         except OSError:
             # Lost a race: another process created ``folder`` since the check above.
-            if not is_prepared(folder, params):
+            if not is_prepared(folder, params, splits):
                 raise
     fsync_dir(folder.parent)  # the rename itself, durable

@@ -10,6 +10,11 @@ tried end to end before running on real data.
 
 Each image is drawn from its own generator seeded with ``(seed, split, index)``, so image ``i`` of a
 split does not depend on how many images were asked for, and the same seed gives the same bytes.
+
+A third split, ``tune`` (:func:`prepare_shapes_tune`), is held out for choosing inference
+hyper-parameters (e.g. the refinement step, ``workbench.analysis.step_sweep``): same generator, its own
+seeds, never trained on nor reported. It lives in a folder of its own, so adding it changed neither the
+train/val folder nor anything cached from it: ``get_dataset("shapes", "tune", num_tune=100)``.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from tqdm import tqdm
 from .folder import SPLITS, annotation_file, image_dir, prepare_atomically, write_json
 
 VERSION = 1  # bump when the generator changes, so cached folders are rebuilt
+TUNE = "tune"  # the held-out split for choosing hyper-parameters (folder of its own, see prepare_shapes_tune)
+SEED_SPLITS = (*SPLITS, TUNE)  # a split's position here is its number in every image's seed: train 0, val 1, tune 2
 CLASS_NAMES = ("rectangle", "ellipse", "triangle")  # label k is CLASS_NAMES[k - 1]; COCO category id = k
 
 MIN_OBJECTS, MAX_OBJECTS = 2, 12  # objects per image (fewer when placements keep failing)
@@ -58,10 +65,8 @@ def prepare_shapes(
     Returns:
         Path: the dataset folder (``annotations/{train,val}.json``, ``images/``, ``manifest.json``).
     """
-    for name, value, low in (("seed", seed, 0), ("num_train", num_train, 0), ("num_val", num_val, 0), ("image_size", image_size, 32)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise ValueError(f"shapes: {name} must be an integer >= {low}, got {value!r}")
-    seed, num_train, num_val, image_size = int(seed), int(num_train), int(num_val), int(image_size)
+    seed, num_train, num_val, image_size = _check_ints(seed=(seed, 0), num_train=(num_train, 0), num_val=(num_val, 0),
+                                                       image_size=(image_size, 32))
     params = {"dataset": "shapes", "version": VERSION, "seed": seed, "num_train": num_train,
               "num_val": num_val, "image_size": image_size}
     folder = Path(root) / folder_name(seed, num_train, num_val, image_size)
@@ -77,13 +82,51 @@ def prepare_shapes(
     return prepare_atomically(folder, params, build)
 
 
+def tune_folder_name(seed: int, num_tune: int, image_size: int) -> str:
+    """``shapes-seed0-tune100-128px``: the folder of the held-out ``tune`` split."""
+    return f"shapes-seed{seed}-{TUNE}{num_tune}-{image_size}px"
+
+
+def prepare_shapes_tune(root: str | Path = "cache/data", seed: int = 0, num_tune: int = 100, image_size: int = 128) -> Path:
+    """Generate the held-out ``tune`` split into ``<root>/<tune_folder_name(...)>`` unless it is already there.
+
+    The same generator and distribution as :func:`prepare_shapes`' train and val; image ``i`` is seeded
+    with ``(seed, 2, i)`` where train's are ``(seed, 0, i)`` and val's ``(seed, 1, i)``, so its images are
+    other images. For choosing inference hyper-parameters only: nothing trains or reports on it.
+
+    Args:
+        root, seed, image_size: as for :func:`prepare_shapes` (use the same seed and size as the models' data).
+        num_tune: number of images.
+
+    Returns:
+        Path: the folder (``annotations/tune.json``, ``images/tune/``, ``manifest.json``).
+    """
+    seed, num_tune, image_size = _check_ints(seed=(seed, 0), num_tune=(num_tune, 0), image_size=(image_size, 32))
+    params = {"dataset": "shapes", "version": VERSION, "split": TUNE, "seed": seed, "num_tune": num_tune,
+              "image_size": image_size}
+
+    def build(tmp: Path) -> dict[str, Any]:
+        coco = write_split(tmp, TUNE, seed, num_tune, image_size)
+        return {"classes": list(CLASS_NAMES), "splits": {TUNE: {"images": len(coco["images"]), "boxes": len(coco["annotations"])}}}
+
+    return prepare_atomically(Path(root) / tune_folder_name(seed, num_tune, image_size), params, build, splits=(TUNE,))
+
+
+def _check_ints(**values: tuple[Any, int]) -> list[int]:
+    """``name=(value, lowest allowed)`` -> the values as ints; a ValueError names the first bad one."""
+    for name, (value, low) in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"shapes: {name} must be an integer >= {low}, got {value!r}")
+    return [int(value) for value, _ in values.values()]
+
+
 def write_split(folder: Path, split: str, seed: int, num_images: int, image_size: int) -> dict[str, Any]:
     """Draw and write the images of one split and its COCO annotation file; return the COCO dict."""
     out = image_dir(folder) / split
     out.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     for index in tqdm(range(num_images), desc=f"shapes {split}", unit="img", disable=None):
-        rng = np.random.default_rng([seed, SPLITS.index(split), index])
+        rng = np.random.default_rng([seed, SEED_SPLITS.index(split), index])
         scene = draw_scene(rng, image_size)
         file_name = f"{split}/{index:06d}.png"
         Image.fromarray(scene.pixels).save(image_dir(folder) / file_name, compress_level=6)
