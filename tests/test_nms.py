@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -483,6 +484,79 @@ def test_fast_suppress_equals_reference_on_many_boxes(seed):
         expected = _nms_cpu.reference_suppress(boxes, ious, scores, iou_threshold, rescore=True)
         got = _nms_cpu.suppress(boxes, ious, scores, iou_threshold, rescore=True, with_suppressors=True)
         assert all(torch.equal(g, e) for g, e in zip(got, expected))
+
+
+@pytest.mark.parametrize("rounds", [1, 2])
+@settings(max_examples=150, deadline=None)
+@given(case=st.one_of(detections(), detections(continuous=True)), iou_threshold=THRESHOLDS, rescore=st.booleans())
+def test_fast_suppress_hands_undecided_boxes_to_torchvision(rounds, case, iou_threshold, rescore):
+    # After a round or two of the vectorized resolution, the boxes still undecided go to
+    # torchvision's loop; the result must still be the reference's, suppressors included.
+    boxes, scores, ious = (t.float() for t in case)
+    expected = _nms_cpu.reference_suppress(boxes, ious, scores, iou_threshold, rescore)
+    with mock.patch.object(_nms_cpu, "_MAX_ROUNDS", rounds):
+        got = _nms_cpu.suppress(boxes, ious, scores, iou_threshold, rescore, with_suppressors=True)
+    assert all(g.tolist() == e.tolist() for g, e in zip(got, expected))
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_fast_nms_falls_back_to_torchvision_when_boxes_crowd(seed):
+    # 400 boxes in a 60 px square: far more candidate pairs than the sparse path allows per box.
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(400, 2, generator=g) * 20
+    boxes = torch.cat([xy, xy + 40 + torch.rand(400, 2, generator=g)], 1)
+    scores = (torch.rand(400, generator=g) * 10).round()
+    limit = _nms_cpu._MAX_CANDIDATES_PER_BOX * 400 + 1024
+    assert _nms_cpu._intersecting_pairs(boxes.numpy(), 0.5, limit) is None
+    for iou_threshold in (0.3, 0.5, 0.9):
+        keep, _, _ = _nms_cpu.suppress(boxes, scores, scores, iou_threshold, False, False)
+        assert keep.tolist() == torchvision.ops.nms(boxes, scores, iou_threshold).tolist()
+
+
+@st.composite
+def spread_boxes(draw):
+    """float32 or float64 boxes over many magnitudes: tiny and huge extents, far-off corners."""
+    n = draw(st.integers(2, 25))
+    scale = draw(st.sampled_from([1e-30, 1e-6, 1.0, 1e4, 1e30]))
+    offset = draw(st.sampled_from([0.0, 1e3, 1e7, -1e20]))
+    corner = st.floats(0, 10, width=32).map(lambda v: v * scale + offset)
+    extent = st.one_of(st.floats(0, 10, width=32).map(lambda v: v * scale), st.sampled_from([0.0, 1e-45, 1e-38]))
+    rows = []
+    for _ in range(n):
+        x0, y0 = draw(corner), draw(corner)
+        rows.append([x0, y0, x0 + draw(extent), y0 + draw(extent)])
+    return torch.tensor(rows, dtype=draw(st.sampled_from([torch.float32, torch.float64]))).numpy()
+
+
+@settings(max_examples=300, deadline=None)
+@given(boxes=st.one_of(spread_boxes(), detections(continuous=True).map(lambda c: c[0].float().numpy())),
+       min_iou=st.one_of(THRESHOLDS, st.sampled_from([1e-3, 0.999, 1.0, 1.5])))
+def test_narrowed_pairs_keep_every_pair_that_reaches_the_threshold(boxes, min_iou):
+    # The bounds that narrow the sweep may only leave out pairs whose IoU stays below min_iou.
+    def reaching(pairs):
+        first, second, iou = pairs
+        return {(min(a, b), max(a, b)) for a, b, v in zip(first.tolist(), second.tolist(), iou.tolist()) if v >= min_iou}
+
+    assert reaching(_nms_cpu._intersecting_pairs(boxes, min_iou)) == reaching(_nms_cpu._intersecting_pairs(boxes))
+
+
+@pytest.mark.parametrize("bound", [2**16, 2**16 + 1, 10**9])
+def test_argsort_ints_is_a_stable_argsort(bound):
+    keys = np.random.default_rng(bound).integers(0, min(bound, 50), 2000)
+    keys[::7] = bound - 1
+    assert np.array_equal(_nms_cpu._argsort_ints(keys, bound), np.argsort(keys, kind="stable"))
+
+
+def test_far_apart_strips_and_huge_values_pass_the_checks():
+    # Strip indices beyond 16 bits (boxes far apart vertically), and float64 values whose sum
+    # overflows or is inf - inf although no value is NaN: the fast checks must not reject them.
+    boxes = torch.tensor([[0.0, 0, 10, 10], [1, 1, 11, 11], [0, 1e6, 10, 1e6 + 10], [1, 1e6, 11, 1e6 + 10]])
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
+    assert nms(boxes, scores, 0.5).tolist() == torchvision.ops.nms(boxes, scores, 0.5).tolist() == [0, 2]
+    huge = torch.tensor([[0.0, 0, 1e308, 1e308], [1e308, 1e308, 1.5e308, 1.5e308]], dtype=torch.float64)
+    assert nms(huge, torch.tensor([0.5, 0.4], dtype=torch.float64), 0.5).tolist() == [0, 1]
+    infinite = torch.tensor([math.inf, -math.inf])
+    assert nms(GOOD_BOXES, infinite, 0.5).tolist() == torchvision.ops.nms(GOOD_BOXES, infinite, 0.5).tolist()
 
 
 @pytest.mark.parametrize("candidates", [1, 2, 64])

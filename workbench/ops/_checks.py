@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -23,8 +26,24 @@ def check_shape(name: str, x: Tensor, shape: tuple[int | None, ...], desc: str) 
         raise ValueError(f"{name} must have shape {desc}, got {tuple(x.shape)}")
 
 
+def _sum_of(x: Tensor) -> float | None:
+    """The float64 sum of a CPU float32/float64 tensor in one NumPy pass; None for other tensors.
+
+    NaN and inf propagate into it, so a finite sum proves every value finite and a non-NaN sum
+    proves no NaN; only the converse can fail (overflow, inf - inf), and then the callers look
+    element by element. Float32 values cannot overflow a float64 sum.
+    """
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.is_neg():
+        return None
+    with np.errstate(over="ignore", invalid="ignore"):
+        return float(x.detach().numpy().sum(dtype=np.float64))
+
+
 def check_finite(name: str, x: Tensor) -> None:
-    if x.numel() and not bool(torch.isfinite(x).all()):
+    if not x.numel():
+        return
+    total = _sum_of(x)
+    if (total is None or not math.isfinite(total)) and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} must contain only finite values (no NaN or inf)")
 
 
@@ -70,6 +89,8 @@ def check_scores(name: str, scores: object, n: int, boxes: Tensor) -> Tensor:
     check_shape(name, scores, (n,), f"[N] with N = {n} (one per box)")
     check_same_device(boxes=boxes, **{name: scores})
     check_same_dtype(boxes=boxes, **{name: scores})
-    if scores.numel() and bool(torch.isnan(scores).any()):
-        raise ValueError(f"{name} must not contain NaN")
+    if scores.numel():
+        total = _sum_of(scores)
+        if (total is None or math.isnan(total)) and bool(torch.isnan(scores).any()):
+            raise ValueError(f"{name} must not contain NaN")
     return scores

@@ -5,10 +5,10 @@ ranking key (ties go to the lower index), keep it, and let a *rule* decide the f
 still alive from their IoU with the selected one. It runs one Python iteration per kept box, so
 it stays as the tests' oracle and the fast paths must return exactly what it returns:
 
-* :func:`suppress` (hard NMS, optionally rescored as IoU-guided NMS) keeps what
-  ``torchvision.ops.nms`` keeps: its compiled loop is the same greedy algorithm with the same
-  arithmetic (see :func:`suppress`). The box that removed each other box, and with it the
-  IoU-guided score, then follows in one vectorized pass (:func:`first_suppressor`).
+* :func:`suppress` (hard NMS, optionally rescored as IoU-guided NMS) resolves the greedy
+  choices in a few vectorized rounds over the sparse graph of pairs above the threshold, which
+  also gives the box that removed each other box and with it the IoU-guided score; it returns
+  what ``torchvision.ops.nms``, the same loop compiled, keeps.
 * :func:`soft` selects many boxes per step: see :func:`soft`.
 
 Every function here takes tensors already in the compute dtype (float32 or float64) and returns
@@ -19,6 +19,7 @@ scores below ``score_threshold`` from the start).
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable
 
 import numpy as np
@@ -33,6 +34,19 @@ from .boxes import pairwise_iou
 _Rule = Callable[[int, Tensor, Tensor], tuple[Tensor, Tensor]]
 
 KEPT, UNSUPPRESSED = -1, -2
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+# Areas from which an intersection that underflows gives an IoU of at most 2^-40 (see :func:`_inner`).
+_TINY_AREA = {t: np.finfo(t).tiny * 2.0**40 for t in (np.float32, np.float64)}
+_TINY_HEIGHT = float(np.finfo(np.float64).tiny)
+
+# States of :func:`_resolve` (KEPT as above).
+UNDECIDED, DROPPED = 0, 1
+
+# Hard NMS leaves the keep list to torchvision's loop when the candidate pairs exceed this many per
+# box: the pairs' cost grows with them, the loop's with kept x boxes (few kept when all overlap).
+_MAX_CANDIDATES_PER_BOX = 32
+# Rounds of :func:`_resolve` before the boxes still undecided go to torchvision's loop.
+_MAX_ROUNDS = 16
 
 # Boxes examined per step of :func:`soft`; the step selects the longest non-overlapping prefix of them.
 _SOFT_CANDIDATES = 64
@@ -141,127 +155,219 @@ def strictly_above(dtype: torch.dtype, threshold: float) -> float:
     Lets a float32 tensor be compared in float32 exactly as if it were compared in float64
     (which is how torchvision compares its float IoU with the double threshold).
     """
-    t = torch.tensor(threshold, dtype=torch.float64).to(dtype)
-    if float(t) > threshold:
-        t = torch.nextafter(t, torch.tensor(float("-inf"), dtype=dtype))
-    return float(t)
+    with np.errstate(over="ignore"):  # beyond the dtype's range: its largest value, or inf
+        t = _NUMPY_DTYPES[dtype](threshold)
+    return float(np.nextafter(t, -np.inf) if float(t) > threshold else t)
 
 
-def first_suppressor(boxes: Tensor, keep: Tensor, iou_threshold: float) -> Tensor:
-    """The suppressors of hard NMS, from its keep list alone.
+def _resolve(n: int, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Greedy hard NMS over its suppression graph, many boxes per round: the state of every box after
+    :data:`_MAX_ROUNDS` rounds (:data:`KEPT`, :data:`DROPPED` or :data:`UNDECIDED`).
 
-    A box that greedy NMS did not keep stays alive until the first selected box whose IoU with it
-    exceeds the threshold removes it, and every box selected before that one overlapped it at
-    most by the threshold. So its suppressor is the first kept box, in selection order, that
-    overlaps it by more than ``iou_threshold``: one vectorized pass over the intersecting pairs
-    (:func:`_intersecting_pairs`), a fraction of all kept x dropped pairs.
-
-    Args:
-        boxes (Tensor[N, 4]): ``(x0, y0, x1, y1)``.
-        keep (Tensor[K] int64): the kept indices in selection order.
-
-    Returns:
-        Tensor[N] int64: -1 for kept boxes, else the index of the box that removed it.
+    Greedy NMS keeps a box iff none of the boxes ranked before it that overlap it beyond the
+    threshold (edges ``src -> dst`` from the better-ranked box of each pair) was kept. So a round keeps
+    every undecided box whose in-edges all come from dropped boxes, drops every box an edge from
+    them reaches, and forgets the edges of decided boxes. The best-ranked undecided box is
+    always kept, so each round decides at least one box; on detections a handful of rounds
+    decide all.
     """
-    b, kept = boxes.numpy(), keep.numpy()
-    n = b.shape[0]
-    # Position in selection order of each kept box; n for the others.
-    position = np.full(n, n, dtype=np.int64)
-    position[kept] = np.arange(kept.size)
-    first, second, iou = _intersecting_pairs(b)
-    over = iou > strictly_above(boxes.dtype, iou_threshold)
-    first, second = first[over], second[over]
-    remover, removed = np.concatenate((first, second)), np.concatenate((second, first))
-    candidate = (position[remover] < n) & (position[removed] == n)
-    earliest = np.full(n, n, dtype=np.int64)
-    np.minimum.at(earliest, removed[candidate], position[remover[candidate]])
-    suppressors = np.full(n, KEPT, dtype=np.int64)
-    dropped = position == n
-    suppressors[dropped] = kept[earliest[dropped]]
-    return torch.from_numpy(suppressors)
+    state = np.full(n, UNDECIDED, dtype=np.int8)
+    for _ in range(_MAX_ROUNDS):
+        blocked = np.zeros(n, dtype=bool)
+        blocked[dst] = True
+        state[~blocked & (state == UNDECIDED)] = KEPT
+        state[dst[state[src] == KEPT]] = DROPPED
+        live = (state[src] == UNDECIDED) & (state[dst] == UNDECIDED)
+        src, dst = src[live], dst[live]
+        if not src.size:
+            # The boxes still undecided now have no in-edges left: the next round keeps them all.
+            state[state == UNDECIDED] = KEPT
+            break
+    return state
 
 
 def suppress(boxes: Tensor, rank: Tensor, scores: Tensor, iou_threshold: float, rescore: bool,
              with_suppressors: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     """Hard NMS ranked by ``rank``; with ``rescore``, IoU-guided NMS's cluster maximum of ``scores``.
 
-    ``torchvision.ops.nms`` on CPU is the reference loop compiled: a stable descending sort of the
-    key (ties to the lower index; -0.0 and 0.0 tie), the same IoU arithmetic in the boxes' dtype
-    (``inter / (area_i + area_j - inter)`` with areas from the raw corners, so inverted boxes get
-    the same negative areas), compared as ``IoU > threshold`` against the double threshold (NaN,
-    from two zero-area boxes, suppresses nothing). The tests check the two against each other.
+    The reference's arithmetic is ``torchvision.ops.nms``'s: a stable descending sort of the key
+    (ties to the lower index; -0.0 and 0.0 tie), IoU ``inter / (area_i + area_j - inter)`` in the
+    boxes' dtype with areas from the raw corners (inverted boxes get negative areas), compared as
+    ``IoU > threshold`` against the double threshold (NaN, from two zero-area boxes, suppresses
+    nothing). Only intersecting pairs can exceed a threshold >= 0, so the pairs above it
+    (:func:`_intersecting_pairs`) form a sparse graph, resolved in rounds by :func:`_resolve`.
+    Boxes left undecided after its rounds, and the whole input when the pairs would cost more
+    than the loop (many boxes all overlapping), go to ``torchvision.ops.nms``, the same loop
+    compiled (the tests check the two against each other).
+
+    A box that greedy NMS did not keep stays alive until the first selected box whose IoU with it
+    exceeds the threshold removes it, so its suppressor is its first kept in-neighbour in
+    selection order; IoU-guided NMS's score of a kept box is the maximum over it and the boxes
+    it removed.
     """
-    keep = torch.ops.torchvision.nms(boxes, rank, iou_threshold)
-    if not (rescore or with_suppressors):
+    n = boxes.shape[0]
+    need_suppressors = rescore or with_suppressors
+    pairs = _intersecting_pairs(boxes.detach().numpy(), iou_threshold,
+                                None if need_suppressors else _MAX_CANDIDATES_PER_BOX * n + 1024)
+    if pairs is None:
+        keep = torch.ops.torchvision.nms(boxes, rank, iou_threshold)
         return keep, scores.index_select(0, keep), None
-    suppressors = first_suppressor(boxes, keep, iou_threshold)
+    first, second, iou = pairs
+    over = (iou > strictly_above(boxes.dtype, iou_threshold)).nonzero()[0]
+    first, second = first[over], second[over]
+    # torchvision's order: key descending, ties to the lower index (-0.0 and 0.0 tie).
+    key = rank.detach().numpy()
+    key_first, key_second = key[first], key[second]
+    first_leads = (key_first > key_second) | ((key_first == key_second) & (first < second))
+    src, dst = np.where(first_leads, first, second), np.where(first_leads, second, first)
+    state = _resolve(n, src, dst)
+    undecided = (state == UNDECIDED).nonzero()[0]
+    if undecided.size:
+        # They interact only among themselves now; ascending indices keep torchvision's tie order.
+        subset = torch.from_numpy(undecided)
+        kept = torch.ops.torchvision.nms(boxes.index_select(0, subset), rank.index_select(0, subset), iou_threshold)
+        state[undecided] = DROPPED
+        state[undecided[kept.numpy()]] = KEPT
+    kept = (state == KEPT).nonzero()[0]
+    keep = torch.from_numpy(kept[(-key[kept]).argsort(kind="stable")])
+    if not need_suppressors:
+        return keep, scores.index_select(0, keep), None
+    # Each dropped box's suppressor: its first kept in-neighbour in selection order.
+    position = np.full(n, n)
+    position[keep.numpy()] = np.arange(kept.size)
+    removes = state[src] == KEPT
+    earliest = np.full(n, n)
+    np.minimum.at(earliest, dst[removes], position[src[removes]])
+    suppressors = np.full(n, KEPT, dtype=np.int64)
+    dropped = state == DROPPED
+    suppressors[dropped] = keep.numpy()[earliest[dropped]]
+    best = scores.detach().numpy()
     if rescore:
-        by, best = suppressors.numpy(), scores.numpy().copy()
-        dropped = np.flatnonzero(by >= 0)
-        np.maximum.at(best, by[dropped], best[dropped])
-        new_scores = torch.from_numpy(best).index_select(0, keep)
-    else:
-        new_scores = scores.index_select(0, keep)
-    return keep, new_scores, suppressors if with_suppressors else None
+        best = best.copy()
+        np.maximum.at(best, suppressors[dropped], best[dropped])
+    return keep, torch.from_numpy(best).index_select(0, keep), torch.from_numpy(suppressors) if with_suppressors else None
 
 
 def at_least(dtype: torch.dtype, threshold: float) -> float:
     """The smallest ``dtype`` value ``t >= threshold``: for ``x`` of that dtype, ``x >= t`` iff ``x >= threshold``."""
-    t = torch.tensor(threshold, dtype=torch.float64).to(dtype)
-    if float(t) < threshold:
-        t = torch.nextafter(t, torch.tensor(float("inf"), dtype=dtype))
-    return float(t)
+    with np.errstate(over="ignore"):
+        t = _NUMPY_DTYPES[dtype](threshold)
+    return float(np.nextafter(t, np.inf) if float(t) < threshold else t)
 
 
-def _intersecting_pairs(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every pair of boxes that intersect (positive intersection area), once each, with its IoU.
+def _inner(x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray, area: np.ndarray, min_iou: float
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bounds that a box whose IoU with this one reaches ``min_iou`` must cross, in the boxes' dtype.
+
+    The IoU of two boxes is at most ``w / W``, their intersection's width over either one's
+    width (the union is at least either area, the intersection at most ``w`` times either
+    height), and their float IoU at most that times ``1 + 10 eps`` (a few roundings without
+    cancellation: the union is at least half the sum of the areas); likewise for heights. So the
+    other box must start left of ``x1 - min_iou * W`` and above ``y1 - min_iou * H``, and end
+    right of ``x0 + min_iou * W``. The bounds carry a margin far above those roundings and are
+    rounded outwards. They are taken only where that holds: an extent not lost in its
+    coordinates' rounding, an area clear of underflow (an intersection that underflows gives an
+    IoU of at most 2^-40 then) and finite; elsewhere they are the box's own edges.
+
+    Returns:
+        (x_lower [N], x_upper [N], y_upper [N]): the other box needs ``x1 > x_lower``,
+        ``x0 < x_upper`` and ``y0 < y_upper``.
+    """
+    corners = np.stack((x0, y0, x1, y1)).astype(np.float64)
+    low, high = corners[:2], corners[2:]
+    extent = high - low  # float64 extremes: an inf extent has an inf area, so is not safe
+    safe = ((extent >= 1e-6 * (np.abs(low) + np.abs(high)))
+            & ((area >= _TINY_AREA[area.dtype.type]) & np.isfinite(area)))
+    # No IoU exceeds 1 by more than the margin, so a higher threshold narrows as far as 1 does.
+    margin = extent * (safe * (min(min_iou, 1.0) * (1 - 1e-4)))
+    x_lower64, (x_upper64, y_upper64) = low[0] + margin[0], high - margin
+    x_lower, x_upper, y_upper = (v.astype(area.dtype) for v in (x_lower64, x_upper64, y_upper64))
+    np.nextafter(x_lower, -np.inf, out=x_lower, where=x_lower > x_lower64)
+    np.nextafter(x_upper, np.inf, out=x_upper, where=x_upper < x_upper64)
+    np.nextafter(y_upper, np.inf, out=y_upper, where=y_upper < y_upper64)
+    return x_lower, x_upper, y_upper
+
+
+def _argsort_ints(keys: np.ndarray, bound: int) -> np.ndarray:
+    """Stable argsort of integers in ``[0, bound)``: NumPy radix-sorts 16-bit keys, in linear time."""
+    return np.argsort(keys.astype(np.uint16) if bound <= 2**16 else keys, kind="stable")
+
+
+# Huge boxes overflow to inf and inf - inf gives NaN, silently, as in torch's pairwise_iou.
+@np.errstate(over="ignore", invalid="ignore")
+def _intersecting_pairs(boxes: np.ndarray, min_iou: float = 0.0, max_candidates: int | None = None
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Every pair of boxes that intersect (positive intersection area) and may have IoU >= ``min_iou``, once each.
 
     Any other pair has IoU 0 (or 0/0 = NaN), which neither suppresses nor decays. Candidates come
     from a sweep along x within horizontal strips as tall as the mean box: each box is entered in
     every strip it spans, and a pair is taken only in the strip of its lower ``y0`` edge, which
-    both boxes span. The IoU arithmetic is :func:`pairwise_iou`'s, operation for operation.
+    both boxes span. For ``min_iou >= 1e-3`` the sweep and the test of each candidate use the
+    bounds of :func:`_inner`, which leave out pairs that cannot reach it (callers compare the
+    IoUs themselves). The IoU arithmetic is
+    :func:`pairwise_iou`'s, operation for operation.
 
     Returns:
-        (first [E], second [E], iou [E]): box indices and IoU of each pair.
+        (first [E], second [E], iou [E]): box indices and IoU of each pair; None if there would
+        be more than ``max_candidates`` candidate pairs.
     """
     n = boxes.shape[0]
     x0, y0, x1, y1 = (np.ascontiguousarray(c) for c in boxes.T)
-    with np.errstate(over="ignore"):  # huge boxes overflow to inf, silently, as in torch's pairwise_iou
-        area = (x1 - x0) * (y1 - y0)
+    area = (x1 - x0) * (y1 - y0)
     # Boxes without a positive width and height intersect nothing.
-    valid = np.flatnonzero((x1 > x0) & (y1 > y0))
+    valid = ((x1 > x0) & (y1 > y0)).nonzero()[0]
     if not valid.size:
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64), np.empty(0, dtype=boxes.dtype)
-    by_x = valid[np.argsort(x0[valid], kind="stable")]
+    by_x = valid[x0[valid].argsort(kind="stable")]
     x_rank = np.empty(n, dtype=np.int64)
     x_rank[by_x] = np.arange(by_x.size)
-    top = float(y0[valid].min())
-    height = float(np.mean(y1[valid] - y0[valid], dtype=np.float64))
-    first_strip = np.floor((y0.astype(np.float64) - top) / height).astype(np.int64)
-    last_strip = np.floor((y1.astype(np.float64) - top) / height).astype(np.int64)
+    narrow = min_iou >= 1e-3
+    if narrow:
+        x_lower, x_upper, y_upper = _inner(x0, y0, x1, y1, area, min_iou)
+    else:
+        x_lower, x_upper, y_upper = x0, x1, y1
+    # A pair's y0 values both lie below the other box's y_upper, so strips need only span [y0, y_upper].
+    # Any non-decreasing map of y to strips is correct; halving keeps float64 differences finite,
+    # and at most 2^30 strips keep the indices in range for any spread of the boxes.
+    low, high = y0.astype(np.float64) * 0.5, y_upper.astype(np.float64) * 0.5
+    top = min(float(low.min()), float(high.min()))
+    height = max(float((high[valid] - low[valid]).mean()), (max(float(low.max()), float(high.max())) - top) / 2**30,
+                 _TINY_HEIGHT)
+    first_strip = np.floor((low - top) / height).astype(np.int64)
+    last_strip = np.floor((high - top) / height).astype(np.int64)
     spans = last_strip[by_x] - first_strip[by_x] + 1
     # One entry per (box, strip it spans), ordered by strip, then x0 (ties by index).
-    box = np.repeat(by_x, spans)
-    strip = first_strip[box] + np.arange(box.size) - np.repeat(np.cumsum(spans) - spans, spans)
+    box = by_x.repeat(spans)
+    strip = first_strip[box] + np.arange(box.size) - (spans.cumsum() - spans).repeat(spans)
+    # Entries are in x order already, so a stable sort by strip orders them.
+    in_order = _argsort_ints(strip, int(strip.max()) + 1)
+    box, strip = box[in_order], strip[in_order]
     key = strip * n + x_rank[box]
-    in_order = np.argsort(key, kind="stable")
-    box, strip, key = box[in_order], strip[in_order], key[in_order]
-    # Entries after entry e in its strip whose x0 < x1 of e's box: searchsorted on the same key.
-    ends = np.searchsorted(key, strip * n + np.searchsorted(x0[by_x], x1[box], side="left"), side="left")
+    # Entries after entry e in its strip whose x0 is below e's bound: searchsorted on the same key.
+    x_end = x0[by_x].searchsorted(x_upper)
+    ends = key.searchsorted(strip * n + x_end[box])
     counts = np.maximum(ends - np.arange(1, box.size + 1), 0)
-    e = np.repeat(np.arange(box.size), counts)
-    f = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts - np.arange(1, box.size + 1), counts)
-    first, second = box[e], box[f]
-    meet = ((y0[second] < y1[first]) & (y0[first] < y1[second])
-            & (np.maximum(first_strip[first], first_strip[second]) == strip[e]))
-    first, second = first[meet], second[meet]
-    w = np.minimum(x1[first], x1[second]) - np.maximum(x0[first], x0[second])
-    h = np.minimum(y1[first], y1[second]) - np.maximum(y0[first], y0[second])
+    total = int(counts.sum())
+    if max_candidates is not None and total > max_candidates:
+        return None
+    f = np.arange(total) - (counts.cumsum() - counts - np.arange(1, box.size + 1)).repeat(counts)
+    # Candidate (e, f) of entries: e's side by np.repeat, f's by gathers at near-sequential entries.
+    ex0, ey0, ex1, ey1, e_area, e_upper = (c[box] for c in (x0, y0, x1, y1, area, y_upper))
+    home = first_strip[box] == strip
+    meet = ((ey0[f] < e_upper.repeat(counts)) & (ey0.repeat(counts) < e_upper[f])
+            & (home.repeat(counts) | home[f]))
+    if narrow:
+        meet &= ex1.repeat(counts) > x_lower[box][f]
+    meet = meet.nonzero()[0]
+    e, f = np.arange(box.size).repeat(counts)[meet], f[meet]
+    w = np.minimum(ex1[e], ex1[f]) - np.maximum(ex0[e], ex0[f])
+    h = np.minimum(ey1[e], ey1[f]) - np.maximum(ey0[e], ey0[f])
     inter = w * h
     # w, h > 0 here; their product can still underflow to 0 (IoU 0: weight 1).
     hit = inter > 0
-    first, second, inter = first[hit], second[hit], inter[hit]
-    iou = inter / (area[first] + area[second] - inter)
+    e, f, inter = e[hit], f[hit], inter[hit]
+    iou = inter / (e_area[e] + e_area[f] - inter)
+    first, second = box[e], box[f]
     return first, second, iou
 
 
@@ -285,7 +391,7 @@ def _overlap_graph(boxes: np.ndarray, iou_threshold: float, sigma: float, gaussi
         first, second, iou = first[decays], second[decays], iou[decays]
         weight = 1 - iou
     source = np.concatenate((first, second))
-    stable = np.argsort(source)  # the order within a row does not matter
+    stable = _argsort_ints(source, n)
     indptr = np.concatenate(([0], np.cumsum(np.bincount(source, minlength=n))))
     return indptr, np.concatenate((second, first))[stable], np.concatenate((weight, weight))[stable]
 
@@ -313,6 +419,55 @@ def _record_removals(targets: np.ndarray, start: np.ndarray, weights: np.ndarray
             if current[target] < floor:
                 alive[target] = False
                 suppressors[target] = suppressor
+
+
+def _greedy_among(scores: np.ndarray, index: np.ndarray, owner: np.ndarray, other: np.ndarray, weight: np.ndarray,
+                  outside: tuple[float, int], floor: float) -> tuple[list[int], list]:
+    """The reference's next Soft-NMS selections among the candidates, while they outrank every other box.
+
+    Args:
+        scores, index (K): the candidates' current scores and box indices.
+        owner, other, weight (E): the decays among them: selecting candidate ``owner`` multiplies
+            the score of candidate ``other`` (-1: not a candidate) by ``weight``.
+        outside: the best (score, index) of the other alive boxes, whose scores can only fall.
+        floor: a score below it removes its box.
+
+    The greedy loop itself, over a heap of (score descending, index ascending), on the
+    candidates alone: their scores are NumPy scalars, so each decay rounds as in the arrays.
+    It stops when the best candidate left ranks after ``outside``: the reference selects an
+    other box next.
+
+    Returns:
+        (positions in ``scores`` of the selected candidates in selection order, their scores then).
+    """
+    decays: dict[int, list] = {}
+    among = np.flatnonzero(other >= 0)
+    for source, target, w in zip(owner[among].tolist(), other[among].tolist(), weight[among]):
+        decays.setdefault(source, []).append((target, w))
+    current = list(scores)
+    boxes = index.tolist()
+    heap = [(-c, i, p) for p, (c, i) in enumerate(zip(current, boxes))]
+    heapq.heapify(heap)
+    done = [False] * len(current)  # selected or removed
+    order, at_selection = [], []
+    limit = (-outside[0], outside[1])
+    while heap:
+        key, i, p = heapq.heappop(heap)
+        if done[p] or -key != current[p]:
+            continue  # an entry from before a decay
+        if (key, i) > limit:
+            break
+        done[p] = True
+        order.append(p)
+        at_selection.append(current[p])
+        for target, w in decays.get(p, ()):
+            if not done[target]:
+                current[target] = current[target] * w
+                if current[target] < floor:
+                    done[target] = True
+                else:
+                    heapq.heappush(heap, (-current[target], boxes[target], target))
+    return order, at_selection
 
 
 def soft(boxes: Tensor, current: Tensor, iou_threshold: float, sigma: float, score_threshold: float,
@@ -344,25 +499,32 @@ def soft(boxes: Tensor, current: Tensor, iou_threshold: float, sigma: float, sco
             # The top candidates exactly: every score above the smallest of the partition's
             # top, then ties at that score by ascending index (``live`` is ascending).
             v = scores[np.argpartition(-scores, _SOFT_CANDIDATES - 1)[:_SOFT_CANDIDATES]].min()
-            above = live[scores > v]
-            candidates = np.concatenate((above, live[scores == v][: _SOFT_CANDIDATES - above.size]))
+            above = np.flatnonzero(scores > v)
+            chosen = np.concatenate((above, np.flatnonzero(scores == v)[: _SOFT_CANDIDATES - above.size]))
+            # The best box outside them (equal scores: the lower index, the first maximum).
+            scores[chosen] = -np.inf
+            best = int(np.argmax(scores))
+            outside = (scores[best], int(live[best]))
+            candidates = live[chosen]
         else:
-            candidates = live
-        candidates = candidates[np.lexsort((candidates, -s[candidates]))]
+            candidates, outside = live, (-np.inf, n)
         rank[candidates] = np.arange(candidates.size)
         entries, owner = _ranges(indptr, candidates)
         other = rank[neighbours[entries]]
-        conflict = (other >= 0) & (other < owner)
-        length = int(owner[conflict].min()) if conflict.any() else candidates.size
         rank[candidates] = -1
-        selected = candidates[:length]
+        order, at_selection = _greedy_among(s[candidates], candidates, owner, other, weights[entries], outside, floor)
+        selected = candidates[order]
+        s[selected] = at_selection
         keep.append(selected)
         alive[selected] = False
         suppressors[selected] = KEPT
         # Decays of the selected boxes, in selection order: ufunc.at applies repeated indices one
         # after the other, so a box overlapping several selected boxes gets the reference's product.
-        mine = owner < length
-        entries, owner = entries[mine], owner[mine]
+        step = np.full(candidates.size, -1)
+        step[order] = np.arange(len(order))
+        mine = np.flatnonzero(step[owner] >= 0)
+        mine = mine[np.argsort(step[owner[mine]], kind="stable")]
+        entries, owner = entries[mine], step[owner[mine]]
         targets = neighbours[entries]
         live_target = alive[targets]
         entries, owner, targets = entries[live_target], owner[live_target], targets[live_target]

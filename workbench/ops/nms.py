@@ -13,8 +13,8 @@ still alive from their IoU with the selected one. Only the key and the rule diff
   dropped.
 
 That loop, in PyTorch, is the reference; CPU tensors run the fast paths of :mod:`._nms_cpu`,
-which the tests hold equal to it (hard NMS through ``torchvision.ops.nms``, Soft-NMS by
-selecting many boxes per step). CUDA tensors run the kernels in
+which the tests hold equal to it (hard NMS resolved in a few vectorized rounds over the sparse
+pairs above the threshold, Soft-NMS by selecting many boxes per step). CUDA tensors run the kernels in
 ``workbench/kernels/nms.cu``, which repeat its arithmetic operation for operation and its tie-breaking:
 a parallel bitmask of "i suppresses j" walked by one block (:func:`nms`, :func:`iou_guided_nms`),
 and a one-block Soft-NMS loop. float16 and bfloat16 inputs are computed in float32 on both
