@@ -45,12 +45,12 @@ STDERR = '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]
 class Lab:
     """A JupyterLab server on copies of the notebooks; ``api(path)`` queries its REST API."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, root: Path) -> None:
         self.notebooks = tmp / "notebooks"
         self.notebooks.mkdir()
         for name in ("01_prroi_pooling.ipynb", "04_nms.ipynb", "05_refinement_stepper.ipynb"):
             shutil.copy(REPO / "notebooks" / name, self.notebooks / name)
-        self.root = tmp / "root"  # WORKBENCH_ROOT: the demo record and its data go here
+        self.root = root  # WORKBENCH_ROOT: the tiny run, the demo record and its data go here
         app_settings = tmp / "app-settings"
         app_settings.mkdir()
         (app_settings / "overrides.json").write_text(json.dumps(SETTINGS_OVERRIDES))
@@ -83,7 +83,8 @@ class Lab:
                 time.sleep(0.3)
 
     def url(self, notebook: str) -> str:
-        return f"http://127.0.0.1:{self.port}/lab/tree/{notebook}?token={self.token}"
+        # ?reset: a fresh workspace, so the notebooks opened by earlier tests are not restored beside this one.
+        return f"http://127.0.0.1:{self.port}/lab/tree/{notebook}?reset&token={self.token}"
 
     def api(self, path: str):
         request = urllib.request.Request(f"http://127.0.0.1:{self.port}/api/{path}",
@@ -109,8 +110,8 @@ class Lab:
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    server = Lab(tmp_path_factory.mktemp("lab"))
+def lab(tmp_path_factory, fast_root):
+    server = Lab(tmp_path_factory.mktemp("lab"), fast_root)
     try:
         yield server
     finally:
@@ -143,7 +144,7 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.25):
 def run_all(page, lab: Lab, notebook: str) -> None:
     """Open ``notebook``, wait for its kernel to be connected and idle, run all cells, wait for the end."""
     page.goto(lab.url(notebook))
-    page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=60_000)
+    page.locator(".jp-NotebookPanel:visible .jp-Cell").first.wait_for(timeout=60_000)
 
     def ready():
         kernel = lab.kernel_of(notebook)
@@ -238,7 +239,7 @@ def first_widget(browser, lab: Lab, notebook: str, height: int = 1000):
     page = browser.new_page(viewport={"width": 1300, "height": height})
     run_all(page, lab, notebook)
     assert_no_widget_errors(page)
-    output = page.locator(".jp-OutputArea-output").filter(has=page.locator(".js-plotly-plot")).first
+    output = page.locator(".jp-NotebookPanel:visible .jp-OutputArea-output").filter(has=page.locator(".js-plotly-plot")).first
     output.locator(".js-plotly-plot .scatterlayer .trace").first.wait_for(timeout=30_000)
     return page, output
 
@@ -248,7 +249,7 @@ def test_refinement_stepper_in_the_browser(lab, browser):
 
     page, output = first_widget(browser, lab, "05_refinement_stepper.ipynb")
 
-    (record_path,) = lab.root.glob("cache/notebooks/*/trajectories.npz")
+    (record_path,) = lab.root.glob("cache/notebooks/demo-*/trajectories.npz")
     record = Trajectories.load(record_path)
     label = output.locator(".widget-html").first.inner_text()
     box = int(re.search(r"record #(\d+)", label).group(1))
@@ -331,12 +332,8 @@ def test_pooling_notebook_in_the_browser(lab, browser):
     from workbench.analysis import example_feature_map
     from workbench.analysis.pooling_gradient import pooled_value_and_gradient
 
-    page = browser.new_page(viewport={"width": 1300, "height": 1000})
-    run_all(page, lab, "01_prroi_pooling.ipynb")
-    assert_no_widget_errors(page)
+    page, output = first_widget(browser, lab, "01_prroi_pooling.ipynb")
     assert page.locator(".jp-NotebookPanel:visible .jp-RenderedImage img").count() == 2  # Fig. 6, the sweep
-    output = page.locator(".jp-OutputArea-output").filter(has=page.locator(".js-plotly-plot")).first
-    output.locator(".js-plotly-plot .scatterlayer .trace").first.wait_for(timeout=30_000)
 
     d, (x0, y0, x1, y1) = example_feature_map()
     value, _ = pooled_value_and_gradient(d, (x0, y0, x1, y1))

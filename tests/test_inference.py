@@ -1,7 +1,7 @@
 """The trained models on one image (``workbench.inference``), against the pipeline's own output for the same
 image, and Algorithm 2 re-run for one recorded box (the refinement stepper's settings) against
-``optimize_boxes`` called here on the dataset's own image tensor. One tiny fast-mode run is trained for all
-(under a temporary root, ~1 min on 2 cores)."""
+``optimize_boxes`` called here on the dataset's own image tensor. They use the tiny fast-mode run the
+notebook tests use (``fast_root``: trained once per session, ~1 min on 2 cores)."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ from workbench.widgets import RefinementStepper
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("root")
+def run(fast_root):
+    root = fast_root
     results = pipeline_results(fast=True, root=root)
     return root, results, trained_models(fast=True, root=root)
 

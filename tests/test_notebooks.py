@@ -1,8 +1,8 @@
 """The notebooks: committed clean, paired with their scripts, shaped alike, and running in fast mode.
 
 Fast mode: the kernel gets ``WORKBENCH_FAST=1``, which each notebook's tagged ``parameters`` cell reads;
-``WORKBENCH_ROOT`` points at a temporary folder, so what a notebook builds (the demo record, a small
-dataset) stays out of the checkout. Also here: the analyses notebook 01 and the stepper demo call
+``WORKBENCH_ROOT`` points at a temporary folder shared by the tests that need the tiny run (``fast_root``), so
+what a notebook builds (the tiny run, the demo record, a small dataset) is built once and stays out of the checkout. Also here: the analyses notebook 01 and the stepper demo call
 (``workbench.analysis.pooling_gradient``, ``workbench.analysis.refinement``).
 """
 
@@ -147,8 +147,8 @@ def execute(path: Path, root: Path, monkeypatch) -> nbformat.NotebookNode:
 
 
 @pytest.mark.parametrize("path", NOTEBOOK_FILES, ids=IDS)
-def test_notebook_runs_in_fast_mode(path, tmp_path, monkeypatch):
-    nb = execute(path, tmp_path, monkeypatch)
+def test_notebook_runs_in_fast_mode(path, fast_root, monkeypatch):
+    nb = execute(path, fast_root, monkeypatch)
     for i, cell in enumerate(nb.cells):
         for output in cell.get("outputs", []):
             assert output.output_type != "error", f"cell {i}: {output.get('ename')}: {output.get('evalue')}"
@@ -160,7 +160,7 @@ def test_notebook_runs_in_fast_mode(path, tmp_path, monkeypatch):
     if path.stem == "05_refinement_stepper":
         assert len(widgets) == 1
         # Fast mode wrote the stand-in record under WORKBENCH_ROOT, not into the checkout.
-        assert len(list(tmp_path.glob("cache/notebooks/*/trajectories.npz"))) == 1
+        assert len(list(fast_root.glob("cache/notebooks/demo-*/trajectories.npz"))) == 1
 
 
 # --- the helpers the notebooks call --------------------------------------------------------------------

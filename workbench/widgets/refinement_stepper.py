@@ -9,6 +9,7 @@ re-run for the box shown when its settings (λ, Ω1, Ω2, T, the step reading) a
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import fields
 
 import ipywidgets as W
 import numpy as np
@@ -239,8 +240,7 @@ class RefinementStepper:
         b = self.box
         if self.rerun is None or self.knobs == self.record_knobs:
             t = self.trajectories
-            return Trajectories(**{f: getattr(t, f)[b : b + 1] for f in ("image_id", "category_id", "score", "gt_box", "boxes",
-                                   "predicted_iou", "true_iou", "gradient", "stop_step", "stop_reason")}, meta=t.meta)
+            return Trajectories(**{f.name: getattr(t, f.name)[b : b + 1] for f in fields(t) if f.name != "meta"}, meta=t.meta)
         return self.rerun(b, dict(self.knobs))
 
     def _select(self, position: int) -> None:
