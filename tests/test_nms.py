@@ -22,7 +22,7 @@ import torchvision
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workbench.ops import _nms_cpu
+from workbench.ops import _box_pairs, _nms_cpu
 from workbench.ops.nms import batched_iou_guided_nms, batched_nms, batched_soft_nms, iou_guided_nms, nms, soft_nms
 
 CUDA = torch.cuda.is_available()
@@ -507,7 +507,7 @@ def test_fast_nms_falls_back_to_torchvision_when_boxes_crowd(seed):
     boxes = torch.cat([xy, xy + 40 + torch.rand(400, 2, generator=g)], 1)
     scores = (torch.rand(400, generator=g) * 10).round()
     limit = _nms_cpu._MAX_CANDIDATES_PER_BOX * 400 + 1024
-    assert _nms_cpu._intersecting_pairs(boxes.numpy(), 0.5, limit) is None
+    assert _box_pairs.intersecting_pairs(boxes.numpy(), 0.5, limit) is None
     for iou_threshold in (0.3, 0.5, 0.9):
         keep, _, _ = _nms_cpu.suppress(boxes, scores, scores, iou_threshold, False, False)
         assert keep.tolist() == torchvision.ops.nms(boxes, scores, iou_threshold).tolist()
@@ -537,14 +537,25 @@ def test_narrowed_pairs_keep_every_pair_that_reaches_the_threshold(boxes, min_io
         first, second, iou = pairs
         return {(min(a, b), max(a, b)) for a, b, v in zip(first.tolist(), second.tolist(), iou.tolist()) if v >= min_iou}
 
-    assert reaching(_nms_cpu._intersecting_pairs(boxes, min_iou)) == reaching(_nms_cpu._intersecting_pairs(boxes))
+    assert reaching(_box_pairs.intersecting_pairs(boxes, min_iou)) == reaching(_box_pairs.intersecting_pairs(boxes))
+
+
+@pytest.mark.parametrize("gaussian", [False, True])
+def test_fast_soft_nms_of_overflowing_boxes_equals_reference(gaussian):
+    # Areas and intersections overflow to inf, so IoUs are inf / inf = NaN: no decay, as in the reference.
+    boxes = torch.tensor([[0, 0, 1e200, 1e200], [1e199, 1e199, 1.5e200, 1.5e200], [0, 0, 1, 1], [0, 0, 1, 0.5]],
+                         dtype=torch.float64)
+    scores = torch.tensor([0.5, 0.9, 0.7, 0.6], dtype=torch.float64)
+    expected = _nms_cpu.reference_soft(boxes, scores.clone(), 0.3, 0.5, 0.001, gaussian)
+    got = _nms_cpu.soft(boxes, scores.clone(), 0.3, 0.5, 0.001, gaussian)
+    assert all(torch.equal(g, e) for g, e in zip(got, expected))
 
 
 @pytest.mark.parametrize("bound", [2**16, 2**16 + 1, 10**9])
 def test_argsort_ints_is_a_stable_argsort(bound):
     keys = np.random.default_rng(bound).integers(0, min(bound, 50), 2000)
     keys[::7] = bound - 1
-    assert np.array_equal(_nms_cpu._argsort_ints(keys, bound), np.argsort(keys, kind="stable"))
+    assert np.array_equal(_box_pairs.argsort_ints(keys, bound), np.argsort(keys, kind="stable"))
 
 
 def test_far_apart_strips_and_huge_values_pass_the_checks():

@@ -27,6 +27,7 @@ import torch
 import torchvision  # noqa: F401  (registers torch.ops.torchvision.nms)
 from torch import Tensor
 
+from ._box_pairs import argsort_ints, intersecting_pairs
 from .boxes import pairwise_iou
 
 # A rule sees the selected box, the indices of the boxes still alive besides it (ascending) and
@@ -35,9 +36,6 @@ _Rule = Callable[[int, Tensor, Tensor], tuple[Tensor, Tensor]]
 
 KEPT, UNSUPPRESSED = -1, -2
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
-# Areas from which an intersection that underflows gives an IoU of at most 2^-40 (see :func:`_inner`).
-_TINY_AREA = {t: np.finfo(t).tiny * 2.0**40 for t in (np.float32, np.float64)}
-_TINY_HEIGHT = float(np.finfo(np.float64).tiny)
 
 # States of :func:`_resolve` (KEPT as above).
 UNDECIDED, DROPPED = 0, 1
@@ -48,7 +46,7 @@ _MAX_CANDIDATES_PER_BOX = 32
 # Rounds of :func:`_resolve` before the boxes still undecided go to torchvision's loop.
 _MAX_ROUNDS = 16
 
-# Boxes examined per step of :func:`soft`; the step selects the longest non-overlapping prefix of them.
+# Boxes examined per step of :func:`soft`: the best-scored alive boxes, among which it runs the greedy loop.
 _SOFT_CANDIDATES = 64
 
 
@@ -195,7 +193,8 @@ def suppress(boxes: Tensor, rank: Tensor, scores: Tensor, iou_threshold: float, 
     boxes' dtype with areas from the raw corners (inverted boxes get negative areas), compared as
     ``IoU > threshold`` against the double threshold (NaN, from two zero-area boxes, suppresses
     nothing). Only intersecting pairs can exceed a threshold >= 0, so the pairs above it
-    (:func:`_intersecting_pairs`) form a sparse graph, resolved in rounds by :func:`_resolve`.
+    (:func:`._box_pairs.intersecting_pairs`) form a sparse graph, resolved in rounds by
+    :func:`_resolve`.
     Boxes left undecided after its rounds, and the whole input when the pairs would cost more
     than the loop (many boxes all overlapping), go to ``torchvision.ops.nms``, the same loop
     compiled (the tests check the two against each other).
@@ -207,7 +206,7 @@ def suppress(boxes: Tensor, rank: Tensor, scores: Tensor, iou_threshold: float, 
     """
     n = boxes.shape[0]
     need_suppressors = rescore or with_suppressors
-    pairs = _intersecting_pairs(boxes.detach().numpy(), iou_threshold,
+    pairs = intersecting_pairs(boxes.detach().numpy(), iou_threshold,
                                 None if need_suppressors else _MAX_CANDIDATES_PER_BOX * n + 1024)
     if pairs is None:
         keep = torch.ops.torchvision.nms(boxes, rank, iou_threshold)
@@ -255,122 +254,6 @@ def at_least(dtype: torch.dtype, threshold: float) -> float:
     return float(np.nextafter(t, np.inf) if float(t) < threshold else t)
 
 
-def _inner(x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray, area: np.ndarray, min_iou: float
-           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Bounds that a box whose IoU with this one reaches ``min_iou`` must cross, in the boxes' dtype.
-
-    The IoU of two boxes is at most ``w / W``, their intersection's width over either one's
-    width (the union is at least either area, the intersection at most ``w`` times either
-    height), and their float IoU at most that times ``1 + 10 eps`` (a few roundings without
-    cancellation: the union is at least half the sum of the areas); likewise for heights. So the
-    other box must start left of ``x1 - min_iou * W`` and above ``y1 - min_iou * H``, and end
-    right of ``x0 + min_iou * W``. The bounds carry a margin far above those roundings and are
-    rounded outwards. They are taken only where that holds: an extent not lost in its
-    coordinates' rounding, an area clear of underflow (an intersection that underflows gives an
-    IoU of at most 2^-40 then) and finite; elsewhere they are the box's own edges.
-
-    Returns:
-        (x_lower [N], x_upper [N], y_upper [N]): the other box needs ``x1 > x_lower``,
-        ``x0 < x_upper`` and ``y0 < y_upper``.
-    """
-    corners = np.stack((x0, y0, x1, y1)).astype(np.float64)
-    low, high = corners[:2], corners[2:]
-    extent = high - low  # float64 extremes: an inf extent has an inf area, so is not safe
-    safe = ((extent >= 1e-6 * (np.abs(low) + np.abs(high)))
-            & ((area >= _TINY_AREA[area.dtype.type]) & np.isfinite(area)))
-    # No IoU exceeds 1 by more than the margin, so a higher threshold narrows as far as 1 does.
-    margin = extent * (safe * (min(min_iou, 1.0) * (1 - 1e-4)))
-    x_lower64, (x_upper64, y_upper64) = low[0] + margin[0], high - margin
-    x_lower, x_upper, y_upper = (v.astype(area.dtype) for v in (x_lower64, x_upper64, y_upper64))
-    np.nextafter(x_lower, -np.inf, out=x_lower, where=x_lower > x_lower64)
-    np.nextafter(x_upper, np.inf, out=x_upper, where=x_upper < x_upper64)
-    np.nextafter(y_upper, np.inf, out=y_upper, where=y_upper < y_upper64)
-    return x_lower, x_upper, y_upper
-
-
-def _argsort_ints(keys: np.ndarray, bound: int) -> np.ndarray:
-    """Stable argsort of integers in ``[0, bound)``: NumPy radix-sorts 16-bit keys, in linear time."""
-    return np.argsort(keys.astype(np.uint16) if bound <= 2**16 else keys, kind="stable")
-
-
-# Huge boxes overflow to inf and inf - inf gives NaN, silently, as in torch's pairwise_iou.
-@np.errstate(over="ignore", invalid="ignore")
-def _intersecting_pairs(boxes: np.ndarray, min_iou: float = 0.0, max_candidates: int | None = None
-                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """Every pair of boxes that intersect (positive intersection area) and may have IoU >= ``min_iou``, once each.
-
-    Any other pair has IoU 0 (or 0/0 = NaN), which neither suppresses nor decays. Candidates come
-    from a sweep along x within horizontal strips as tall as the mean box: each box is entered in
-    every strip it spans, and a pair is taken only in the strip of its lower ``y0`` edge, which
-    both boxes span. For ``min_iou >= 1e-3`` the sweep and the test of each candidate use the
-    bounds of :func:`_inner`, which leave out pairs that cannot reach it (callers compare the
-    IoUs themselves). The IoU arithmetic is
-    :func:`pairwise_iou`'s, operation for operation.
-
-    Returns:
-        (first [E], second [E], iou [E]): box indices and IoU of each pair; None if there would
-        be more than ``max_candidates`` candidate pairs.
-    """
-    n = boxes.shape[0]
-    x0, y0, x1, y1 = (np.ascontiguousarray(c) for c in boxes.T)
-    area = (x1 - x0) * (y1 - y0)
-    # Boxes without a positive width and height intersect nothing.
-    valid = ((x1 > x0) & (y1 > y0)).nonzero()[0]
-    if not valid.size:
-        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64), np.empty(0, dtype=boxes.dtype)
-    by_x = valid[x0[valid].argsort(kind="stable")]
-    x_rank = np.empty(n, dtype=np.int64)
-    x_rank[by_x] = np.arange(by_x.size)
-    narrow = min_iou >= 1e-3
-    if narrow:
-        x_lower, x_upper, y_upper = _inner(x0, y0, x1, y1, area, min_iou)
-    else:
-        x_lower, x_upper, y_upper = x0, x1, y1
-    # A pair's y0 values both lie below the other box's y_upper, so strips need only span [y0, y_upper].
-    # Any non-decreasing map of y to strips is correct; halving keeps float64 differences finite,
-    # and at most 2^30 strips keep the indices in range for any spread of the boxes.
-    low, high = y0.astype(np.float64) * 0.5, y_upper.astype(np.float64) * 0.5
-    top = min(float(low.min()), float(high.min()))
-    height = max(float((high[valid] - low[valid]).mean()), (max(float(low.max()), float(high.max())) - top) / 2**30,
-                 _TINY_HEIGHT)
-    first_strip = np.floor((low - top) / height).astype(np.int64)
-    last_strip = np.floor((high - top) / height).astype(np.int64)
-    spans = last_strip[by_x] - first_strip[by_x] + 1
-    # One entry per (box, strip it spans), ordered by strip, then x0 (ties by index).
-    box = by_x.repeat(spans)
-    strip = first_strip[box] + np.arange(box.size) - (spans.cumsum() - spans).repeat(spans)
-    # Entries are in x order already, so a stable sort by strip orders them.
-    in_order = _argsort_ints(strip, int(strip.max()) + 1)
-    box, strip = box[in_order], strip[in_order]
-    key = strip * n + x_rank[box]
-    # Entries after entry e in its strip whose x0 is below e's bound: searchsorted on the same key.
-    x_end = x0[by_x].searchsorted(x_upper)
-    ends = key.searchsorted(strip * n + x_end[box])
-    counts = np.maximum(ends - np.arange(1, box.size + 1), 0)
-    total = int(counts.sum())
-    if max_candidates is not None and total > max_candidates:
-        return None
-    f = np.arange(total) - (counts.cumsum() - counts - np.arange(1, box.size + 1)).repeat(counts)
-    # Candidate (e, f) of entries: e's side by np.repeat, f's by gathers at near-sequential entries.
-    ex0, ey0, ex1, ey1, e_area, e_upper = (c[box] for c in (x0, y0, x1, y1, area, y_upper))
-    home = first_strip[box] == strip
-    meet = ((ey0[f] < e_upper.repeat(counts)) & (ey0.repeat(counts) < e_upper[f])
-            & (home.repeat(counts) | home[f]))
-    if narrow:
-        meet &= ex1.repeat(counts) > x_lower[box][f]
-    meet = meet.nonzero()[0]
-    e, f = np.arange(box.size).repeat(counts)[meet], f[meet]
-    w = np.minimum(ex1[e], ex1[f]) - np.maximum(ex0[e], ex0[f])
-    h = np.minimum(ey1[e], ey1[f]) - np.maximum(ey0[e], ey0[f])
-    inter = w * h
-    # w, h > 0 here; their product can still underflow to 0 (IoU 0: weight 1).
-    hit = inter > 0
-    e, f, inter = e[hit], f[hit], inter[hit]
-    iou = inter / (e_area[e] + e_area[f] - inter)
-    first, second = box[e], box[f]
-    return first, second, iou
-
-
 def _overlap_graph(boxes: np.ndarray, iou_threshold: float, sigma: float, gaussian: bool
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every pair of boxes whose Soft-NMS weight may differ from 1, as a symmetric CSR graph.
@@ -383,15 +266,16 @@ def _overlap_graph(boxes: np.ndarray, iou_threshold: float, sigma: float, gaussi
         (indptr [N + 1], neighbours [E], weights [E]).
     """
     n = boxes.shape[0]
-    first, second, iou = _intersecting_pairs(boxes)
+    first, second, iou = intersecting_pairs(boxes)
     if gaussian:
-        weight = np.exp(-(iou * iou) / sigma)
+        # A NaN IoU (inf - inf from huge boxes) decays nothing in the reference either.
+        weight = np.nan_to_num(np.exp(-(iou * iou) / sigma), nan=1.0, copy=False)
     else:
         decays = iou >= at_least(torch.float32 if boxes.dtype == np.float32 else torch.float64, iou_threshold)
         first, second, iou = first[decays], second[decays], iou[decays]
         weight = 1 - iou
     source = np.concatenate((first, second))
-    stable = _argsort_ints(source, n)
+    stable = argsort_ints(source, n)
     indptr = np.concatenate(([0], np.cumsum(np.bincount(source, minlength=n))))
     return indptr, np.concatenate((second, first))[stable], np.concatenate((weight, weight))[stable]
 
@@ -474,15 +358,14 @@ def soft(boxes: Tensor, current: Tensor, iou_threshold: float, sigma: float, sco
          gaussian: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Soft-NMS, selecting many boxes per step with the reference's selections and arithmetic.
 
-    Sort the alive boxes by (current score descending, index ascending): the first, ``c1``, is
-    the next selection. So is the second, ``c2``, unless it overlaps ``c1`` (then ``c1`` decays
-    it): selections only lower the scores of their overlapping boxes, so ``c2`` still ranks first
-    among the rest. The longest prefix of candidates in which no box overlaps an earlier one is
-    therefore the reference's next selections, in order, at their current scores. Their decays
-    are then applied to each overlapping box in selection order, as the reference multiplies
-    them, and a box is removed (with its suppressor) at the first that takes it below
-    ``score_threshold``. Overlaps come from :func:`_overlap_graph`, built once; the loop works
-    on NumPy arrays, whose per-call overhead is a fraction of a tensor op's.
+    Each step takes the :data:`_SOFT_CANDIDATES` best-scored alive boxes and runs the greedy loop
+    among them alone (:func:`_greedy_among`), for as long as the best candidate left outranks
+    every other alive box: scores only fall, so those selections are the reference's next ones,
+    in order, at their scores then. Their decays are then applied to every overlapping alive box
+    in selection order, as the reference multiplies them, and a box is removed (with its
+    suppressor) at the first decay that takes it below ``score_threshold``. Overlaps come from
+    :func:`_overlap_graph`, built once; the loop works on NumPy arrays, whose per-call overhead
+    is a fraction of a tensor op's.
     """
     b, s = boxes.numpy(), current.numpy().copy()
     n = b.shape[0]
