@@ -90,6 +90,8 @@ def test_rerun_reproduces_the_record_and_follows_every_setting(run):
     knobs = record_knobs(record.meta)
     assert knobs["step_size"] == models.settings.refine_step_size
     rerun = box_rerun(record, models)
+    with pytest.raises(ValueError, match="models: a pipeline record re-runs with the IoU-Net that made it"):
+        box_rerun(record)
     # The dataset's own image tensor and the IoU-Net called here, not through the module under test.
     opts = reproduce_options(fast=True, root=root)
     val = reproduce.validation_set(opts)
