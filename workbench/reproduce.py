@@ -415,7 +415,8 @@ def reproduce(opts: ReproduceOptions) -> Path | None:
     with _lock(out, f"checking the report {out}"):
         current = key is not None and report_cache.is_current(out, key)
     # Every rank follows the same path: the pipeline is a collective.
-    if not distributed.any_rank(ctx, not current):
+    reused = not distributed.any_rank(ctx, not current)
+    if reused:
         if ctx.is_main:
             print(f"reusing {out}: written from the same pipeline output, code and settings")
             numbers = json.loads((out / "numbers.json").read_text())
@@ -432,7 +433,7 @@ def reproduce(opts: ReproduceOptions) -> Path | None:
     with _lock(out.parent / "index.md", "writing the claims index"):
         write_index(out.parent)
     elapsed = time.perf_counter() - start
-    print(f"wrote {out}/report.md in {elapsed:.0f} s")
+    print(f"{'kept' if reused else 'wrote'} {out}/report.md in {elapsed:.0f} s")
     print(json.dumps({k: v for k, v in numbers.items() if not k.startswith("table")}, indent=1, default=float))
     distributed.teardown(ctx)
     return out
