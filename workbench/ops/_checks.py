@@ -26,6 +26,7 @@ def check_shape(name: str, x: Tensor, shape: tuple[int | None, ...], desc: str) 
         raise ValueError(f"{name} must have shape {desc}, got {tuple(x.shape)}")
 
 
+@np.errstate(over="ignore", invalid="ignore")
 def _sum_of(x: Tensor) -> float | None:
     """The float64 sum of a CPU float32/float64 tensor in one NumPy pass; None for other tensors.
 
@@ -35,8 +36,7 @@ def _sum_of(x: Tensor) -> float | None:
     """
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.is_neg():
         return None
-    with np.errstate(over="ignore", invalid="ignore"):
-        return float(x.detach().numpy().sum(dtype=np.float64))
+    return float(x.detach().numpy().sum(dtype=np.float64))
 
 
 def check_finite(name: str, x: Tensor) -> None:

@@ -147,14 +147,18 @@ def reference_soft(boxes: Tensor, current: Tensor, iou_threshold: float, sigma: 
 # --------------------------------------------------------------------------------------------
 
 
+@np.errstate(over="ignore")  # beyond the dtype's range: inf (strictly_above steps back to its largest value)
+def _in_dtype(dtype: torch.dtype, threshold: float) -> np.floating:
+    return _NUMPY_DTYPES[dtype](threshold)
+
+
 def strictly_above(dtype: torch.dtype, threshold: float) -> float:
     """The largest ``dtype`` value ``t <= threshold``: for ``x`` of that dtype, ``x > t`` iff ``x > threshold``.
 
     Lets a float32 tensor be compared in float32 exactly as if it were compared in float64
     (which is how torchvision compares its float IoU with the double threshold).
     """
-    with np.errstate(over="ignore"):  # beyond the dtype's range: its largest value, or inf
-        t = _NUMPY_DTYPES[dtype](threshold)
+    t = _in_dtype(dtype, threshold)
     return float(np.nextafter(t, -np.inf) if float(t) > threshold else t)
 
 
@@ -249,8 +253,7 @@ def suppress(boxes: Tensor, rank: Tensor, scores: Tensor, iou_threshold: float, 
 
 def at_least(dtype: torch.dtype, threshold: float) -> float:
     """The smallest ``dtype`` value ``t >= threshold``: for ``x`` of that dtype, ``x >= t`` iff ``x >= threshold``."""
-    with np.errstate(over="ignore"):
-        t = _NUMPY_DTYPES[dtype](threshold)
+    t = _in_dtype(dtype, threshold)
     return float(np.nextafter(t, np.inf) if float(t) < threshold else t)
 
 
