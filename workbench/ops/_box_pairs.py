@@ -15,22 +15,20 @@ _TINY_HEIGHT = float(np.finfo(np.float64).tiny)
 
 
 def _inner(x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray, area: np.ndarray, min_iou: float
-           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Bounds that a box whose IoU with this one reaches ``min_iou`` must cross, in the boxes' dtype.
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Bounds that a box whose IoU with this one reaches ``min_iou`` must start before, in the boxes' dtype.
 
     The IoU of two boxes is at most ``w / W``, their intersection's width over either one's
     width (the union is at least either area, the intersection at most ``w`` times either
     height), and their float IoU at most that times ``1 + 10 eps`` (a few roundings without
     cancellation: the union is at least half the sum of the areas); likewise for heights. So the
-    other box must start left of ``x1 - min_iou * W`` and above ``y1 - min_iou * H``, and end
-    right of ``x0 + min_iou * W``. The bounds carry a margin far above those roundings and are
+    other box must start left of ``x1 - min_iou * W`` and above ``y1 - min_iou * H``. The bounds carry a margin far above those roundings and are
     rounded outwards. They are taken only where that holds: an extent not lost in its
     coordinates' rounding, an area clear of underflow (an intersection that underflows gives an
     IoU of at most 2^-40 then) and finite; elsewhere they are the box's own edges.
 
     Returns:
-        (x_lower [N], x_upper [N], y_upper [N]): the other box needs ``x1 > x_lower``,
-        ``x0 < x_upper`` and ``y0 < y_upper``.
+        (x_upper [N], y_upper [N]): the other box needs ``x0 < x_upper`` and ``y0 < y_upper``.
     """
     corners = np.stack((x0, y0, x1, y1)).astype(np.float64)
     low, high = corners[:2], corners[2:]
@@ -39,12 +37,10 @@ def _inner(x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray, area:
             & ((area >= _TINY_AREA[area.dtype.type]) & np.isfinite(area)))
     # No IoU exceeds 1 by more than the margin, so a higher threshold narrows as far as 1 does.
     margin = extent * (safe * (min(min_iou, 1.0) * (1 - 1e-4)))
-    x_lower64, (x_upper64, y_upper64) = low[0] + margin[0], high - margin
-    x_lower, x_upper, y_upper = (v.astype(area.dtype) for v in (x_lower64, x_upper64, y_upper64))
-    np.nextafter(x_lower, -np.inf, out=x_lower, where=x_lower > x_lower64)
-    np.nextafter(x_upper, np.inf, out=x_upper, where=x_upper < x_upper64)
-    np.nextafter(y_upper, np.inf, out=y_upper, where=y_upper < y_upper64)
-    return x_lower, x_upper, y_upper
+    upper64 = high - margin
+    upper = upper64.astype(area.dtype)
+    np.nextafter(upper, np.inf, out=upper, where=upper < upper64)
+    return upper[0], upper[1]
 
 
 def argsort_ints(keys: np.ndarray, bound: int) -> np.ndarray:
@@ -59,12 +55,11 @@ def intersecting_pairs(boxes: np.ndarray, min_iou: float = 0.0, max_candidates: 
     """Every pair of boxes that intersect (positive intersection area) and may have IoU >= ``min_iou``, once each.
 
     Any other pair has IoU 0 (or 0/0 = NaN), which neither suppresses nor decays. Candidates come
-    from a sweep along x within horizontal strips as tall as the mean box: each box is entered in
-    every strip it spans, and a pair is taken only in the strip of its lower ``y0`` edge, which
-    both boxes span. For ``min_iou >= 1e-3`` the sweep and the test of each candidate use the
-    bounds of :func:`_inner`, which leave out pairs that cannot reach it (callers compare the
-    IoUs themselves). The IoU arithmetic is
-    :func:`pairwise_iou`'s, operation for operation.
+    from a sweep along x within horizontal strips: each box is entered in every strip its
+    ``[y0, y_upper]`` spans, and a pair is taken only in the strip of its lower ``y0`` edge, which
+    both boxes span. ``x_upper`` and ``y_upper`` are ``x1`` and ``y1``, or for ``min_iou >= 1e-3``
+    the bounds of :func:`_inner`, which leave out pairs that cannot reach it (callers compare the
+    IoUs themselves). The IoU arithmetic is :func:`.boxes.pairwise_iou`'s, operation for operation.
 
     Returns:
         (first [E], second [E], iou [E]): box indices and IoU of each pair; None if there would
@@ -80,11 +75,7 @@ def intersecting_pairs(boxes: np.ndarray, min_iou: float = 0.0, max_candidates: 
     by_x = valid[x0[valid].argsort(kind="stable")]
     x_rank = np.empty(n, dtype=np.int64)
     x_rank[by_x] = np.arange(by_x.size)
-    narrow = min_iou >= 1e-3
-    if narrow:
-        x_lower, x_upper, y_upper = _inner(x0, y0, x1, y1, area, min_iou)
-    else:
-        x_lower, x_upper, y_upper = x0, x1, y1
+    x_upper, y_upper = _inner(x0, y0, x1, y1, area, min_iou) if min_iou >= 1e-3 else (x1, y1)
     # A pair's y0 values both lie below the other box's y_upper, so strips need only span [y0, y_upper].
     # Any non-decreasing map of y to strips is correct; halving keeps float64 differences finite,
     # and at most 2^30 strips keep the indices in range for any spread of the boxes.
@@ -115,8 +106,6 @@ def intersecting_pairs(boxes: np.ndarray, min_iou: float = 0.0, max_candidates: 
     home = first_strip[box] == strip
     meet = ((ey0[f] < e_upper.repeat(counts)) & (ey0.repeat(counts) < e_upper[f])
             & (home.repeat(counts) | home[f]))
-    if narrow:
-        meet &= ex1.repeat(counts) > x_lower[box][f]
     meet = meet.nonzero()[0]
     e, f = np.arange(box.size).repeat(counts)[meet], f[meet]
     w = np.minimum(ex1[e], ex1[f]) - np.maximum(ex0[e], ex0[f])
