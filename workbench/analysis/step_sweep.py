@@ -38,7 +38,7 @@ from workbench.refine import CONVERGED, DEGENERATED, RUNNING, STEP_SCALINGS, Ref
 from .cocoeval import coco_ap
 from .iterations import is_monotonic
 
-GRID: dict[str, tuple[float, ...]] = {"log": (0.02, 0.05, 0.1), "width": (0.5, 1.0, 2.0)}
+GRID: dict[str, tuple[float, ...]] = {"log": (0.02, 0.035, 0.05, 0.07, 0.1), "width": (0.5, 1.0, 2.0)}
 """λ values per reading (the grid of ``experiments/step_sweep_shapes.json``). The paper's λ = 0.5 is a "width"
 step (pixels ∝ w); a "log" step moves ∝ w², so its λ is about ``width λ / w``. Larger steps were left out
 after they wrecked AP90 on the first probes (width λ = 4: AP90 1.4 on 100 val images; log λ = 0.2: 0 on 4
@@ -172,8 +172,10 @@ def markdown(table: pd.DataFrame, meta: dict) -> str:
         f"Ω1 = {m['settings']['refine_early_stop']}, Ω2 = {m['settings']['refine_degeneration']}). Models: "
         + ", ".join(f"{k} `{v['checkpoint']}`" for k, v in m["models"].items())
         + f". {m['date']}, {m['machine']}, {m['seconds']:.0f} s.", "",
+        *(["Merged from runs on the same images and models: "
+           + "; ".join(f"`{r['command']}` ({r['date']})" for r in m["runs"]) + ".", ""] if m.get("runs") else []),
         f"NMS (step 0): AP {100 * nms['AP']:.2f}, AP50 {100 * nms['AP50']:.2f}, AP90 {100 * nms['AP90']:.2f}.", "",
-        view.to_markdown(index=False, floatfmt=".2f"), "",
+        view.to_markdown(index=False, floatfmt=("", "g", ".2f", ".2f", ".2f", ".2f", "", ".2f", "", "")), "",
         f"Rule: {RULE}.", "",
         f"Chosen: **{best['reading']} reading, λ = {best['λ']:g}** (AP {100 * best['AP']:.2f}, AP90 {100 * best['AP90']:.2f}); "
         + ("this is the current default." if best["default"] else
