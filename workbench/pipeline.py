@@ -48,11 +48,12 @@ class PipelineSettings:
     refine_top: int = 100  # refine the highest-scored boxes after suppression (paper: 100)
     refine_iterations: int = 5  # T (paper: 5)
     # Algorithm 2's scale(grad, b): "log" (λ·w²·grad, a step of λ in log-scaled coordinates) or "width"
-    # (λ·w·grad); see refine.py. "log" with λ = 0.05 was chosen by a sweep on shapes val (100 images,
-    # AP and AP90 after each of T = 5 steps from NMS): it rose monotonically in both, to AP 47.9 /
-    # AP90 20.0 from 37.6 / 5.2; "width" peaked at λ = 2 (48.3 / 17.6, AP90 not monotonic), the
-    # paper's λ = 0.5 reached 44.4 / 14.2, λ = 4 fell below NMS in AP90.
-    refine_step_size: float = 0.05  # λ (paper: 0.5, in its "width" reading on COCO)
+    # (λ·w·grad); see refine.py. Chosen on the held-out shapes `tune` split, never on the reported
+    # images (`python -m workbench tune-step`, experiments/step_sweep_shapes.md; rule in
+    # analysis/step_sweep.py: best AP90 after T steps, ties within 0.2 by AP): log λ = 0.035 (AP90 24.3,
+    # AP 47.9, both rising at every step) over log λ = 0.05 (23.6, 48.9) and the best width λ = 1
+    # (23.0, 48.2); the paper's width λ = 0.5 gave 19.4 and NMS alone 6.4.
+    refine_step_size: float = 0.035  # λ (paper: 0.5, in its "width" reading on COCO)
     refine_step_scaling: str = "log"
     refine_early_stop: float = 0.001  # Ω1 (paper: 0.001)
     refine_degeneration: float = -0.01  # Ω2 (paper: -0.01)
