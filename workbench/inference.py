@@ -33,7 +33,7 @@ from .data.images import CocoImages, decode_image
 from .models import extract_features, raw_detections
 from .models.features import FeatureBatch
 from .paths import project_root
-from .pipeline import PipelineSettings
+from .pipeline import PipelineSettings, iou_scorer
 from .postprocess import suppress
 from .refine import Refinement, optimize_boxes
 from .results import reproduce_options
@@ -124,8 +124,7 @@ def refine(iou_net: nn.Module, feats: FeatureBatch, boxes: torch.Tensor, labels:
     unknown = set(knobs) - set(ALGORITHM2_KNOBS)
     if unknown:
         raise ValueError(f"unknown refinement settings {sorted(unknown)}; expected some of {ALGORITHM2_KNOBS}")
-    return optimize_boxes(lambda b: iou_net.predict_iou(feats, [b], [labels])[0], boxes,
-                          image_size=feats.original_sizes[0], **knobs)
+    return optimize_boxes(iou_scorer(iou_net, feats, labels), boxes, image_size=feats.original_sizes[0], **knobs)
 
 
 def detect(image: str | Path | np.ndarray, dataset: str = "shapes", *, method: str = "iou-nms", fast: bool = False,

@@ -108,17 +108,29 @@ class _Clock:
         self.seconds[name] += time.perf_counter() - start
 
 
-def _iou_scorer(model: nn.Module, feats, labels: Tensor) -> Callable[[Tensor], Tensor]:
-    """``boxes -> predicted IoU`` on fixed features: the objective Algorithm 2 climbs."""
+def iou_scorer(model: nn.Module, feats, labels: Tensor) -> Callable[[Tensor], Tensor]:
+    """``boxes -> predicted IoU`` on fixed features: the objective Algorithm 2 climbs.
+
+    Args:
+        model: an IoU-Net (``predict_iou``); feats: its features of one image.
+        labels: Int64Tensor[K], the class of each box the scorer will be called with (Tensor[K, 4], (x0, y0, x1, y1) px).
+    """
     return lambda boxes: model.predict_iou(feats, [boxes], [labels])[0]
 
 
+def refine_boxes(model: nn.Module, feats, boxes: Tensor, labels: Tensor, s: PipelineSettings) -> Refinement:
+    """Algorithm 2 (:func:`workbench.refine.optimize_boxes`) on ``boxes`` (Tensor[K, 4], (x0, y0, x1, y1)
+    px) of one image with ``s``' T, λ, Ω1, Ω2 and step reading, climbing ``model``'s predicted IoU on ``feats``;
+    steps are clipped to the image."""
+    return optimize_boxes(iou_scorer(model, feats, labels), boxes, s.refine_iterations, s.refine_step_size,
+                          s.refine_early_stop, s.refine_degeneration, image_size=feats.original_sizes[0],
+                          step_scaling=s.refine_step_scaling)
+
+
 def _refine_steps(model: nn.Module, feats, det: dict[str, Tensor], s: PipelineSettings):
-    """Algorithm 2 on the ``refine_top`` highest-scored boxes of ``det``; returns the Refinement."""
+    """Algorithm 2 on the ``refine_top`` highest-scored boxes of ``det``; returns them and their Refinement."""
     top = {k: v[: s.refine_top] for k, v in det.items()}
-    return top, optimize_boxes(_iou_scorer(model, feats, top["labels"]), top["boxes"], s.refine_iterations,
-                               s.refine_step_size, s.refine_early_stop, s.refine_degeneration,
-                               image_size=feats.original_sizes[0], step_scaling=s.refine_step_scaling)
+    return top, refine_boxes(model, feats, top["boxes"], top["labels"], s)
 
 
 def _refine_reusing(model: nn.Module, feats, det: dict[str, Tensor], done: tuple[dict[str, Tensor], Refinement],

@@ -388,17 +388,13 @@ def write_report(output: PipelineOutput, coco_gt, out: Path, title: str, device:
     return numbers
 
 
-REPORT_INPUTS: tuple[str, ...] = ()
-"""Files :func:`write_report` reads besides the pipeline's output: a change to one writes the report again."""
-
-
 def _report_key(opts: ReproduceOptions, device_name: str, backbone: str) -> str | None:
     """What the report of ``opts`` is made from (:func:`workbench.report_cache.report_key`); ``None``
     while a model is untrained (its pipeline output cannot be named yet)."""
     path = pipeline_cache_path(opts)
     if path is None:
         return None
-    return report_cache.report_key(path.name, REPORT_INPUTS, title=opts.preset, device=device_name, backbone=backbone)
+    return report_cache.report_key(path.name, title=opts.preset, device=device_name, backbone=backbone)
 
 
 def reproduce(opts: ReproduceOptions) -> Path | None:

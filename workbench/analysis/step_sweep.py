@@ -31,9 +31,9 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from workbench.models import FeatureBatch, extract_features, raw_detections, to_coco_results
-from workbench.pipeline import PipelineSettings
+from workbench.pipeline import PipelineSettings, refine_boxes
 from workbench.postprocess import suppress
-from workbench.refine import CONVERGED, DEGENERATED, RUNNING, STEP_SCALINGS, Refinement, optimize_boxes
+from workbench.refine import CONVERGED, DEGENERATED, RUNNING, STEP_SCALINGS, Refinement
 
 from .cocoeval import coco_ap
 from .iterations import is_monotonic
@@ -78,11 +78,7 @@ def nms_starts(dataset, detector: nn.Module, iou_net: nn.Module, settings: Pipel
 
 def refine(start: Start, iou_net: nn.Module, settings: PipelineSettings) -> Refinement:
     """Algorithm 2 on one image's start boxes with ``settings``' reading, λ, ``T``, Ω1 and Ω2."""
-    s, labels = settings, start.detections["labels"]
-    return optimize_boxes(lambda boxes: iou_net.predict_iou(start.features, [boxes], [labels])[0],
-                          start.detections["boxes"], s.refine_iterations, s.refine_step_size, s.refine_early_stop,
-                          s.refine_degeneration, image_size=start.features.original_sizes[0],
-                          step_scaling=s.refine_step_scaling)
+    return refine_boxes(iou_net, start.features, start.detections["boxes"], start.detections["labels"], settings)
 
 
 def _coco(starts: list[Start], boxes: list[Tensor], label_to_cat_id: dict[int, int]) -> list[dict]:
