@@ -212,13 +212,12 @@ def _refinement_fields(result) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("case", ["overlapping", "nothing refined before", "everything refined before", "empty"])
 def test_refining_only_the_boxes_not_refined_before_gives_the_full_refinement(case):
-    from types import SimpleNamespace
-
+    from workbench.models import FeatureBatch
     from workbench.pipeline import _refine_reusing, _refine_steps
 
     model = _AnalyticIoU({1: torch.tensor([10.0, 10.0, 50.0, 60.0], dtype=torch.float64),
                           2: torch.tensor([30.0, 20.0, 90.0, 70.0], dtype=torch.float64)})
-    feats = SimpleNamespace(original_sizes=[(100, 120)])
+    feats = FeatureBatch(images=None, features={}, original_sizes=[(100, 120)])  # the analytic model reads no maps
     s = PipelineSettings(refine_top=6, refine_iterations=4, refine_step_size=0.5, refine_step_scaling="width",
                          refine_early_stop=1e-4)
     gen = torch.Generator().manual_seed(0)

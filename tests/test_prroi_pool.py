@@ -298,3 +298,22 @@ GOOD_R = torch.tensor([[0.0, 0, 0, 2, 2]])
 def test_bad_input_raises_naming_the_argument(features, rois, output_size, scale, error, match):
     with pytest.raises(error, match=match):
         prroi_pool(features, rois, output_size, scale)
+
+
+@pytest.mark.usefixtures("both_cpu_paths")
+def test_each_input_gets_the_same_gradient_whether_or_not_the_other_needs_one():
+    # The backward skips the coordinate gradient when the boxes need none (training a head on fixed
+    # boxes), and the map's when the map needs none (refinement).
+    gen = np.random.default_rng(21)
+    features = torch.tensor(gen.normal(size=(2, 3, 11, 9)))
+    rois = torch.tensor(_random_rois(gen, 7, 2, -2, 8, (0.5, 6)))
+    weights = torch.tensor(gen.normal(size=(7, 3, 2, 3)))
+
+    def grads(f_grad: bool, r_grad: bool):
+        f, r = features.clone().requires_grad_(f_grad), rois.clone().requires_grad_(r_grad)
+        (prroi_pool(f, r, (2, 3), 0.7) * weights).sum().backward()
+        return f.grad, r.grad
+
+    both = grads(True, True)
+    assert torch.equal(grads(True, False)[0], both[0]) and grads(True, False)[1] is None
+    assert torch.equal(grads(False, True)[1], both[1]) and grads(False, True)[0] is None

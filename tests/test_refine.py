@@ -137,3 +137,36 @@ def test_bad_boxes_and_score_shape_are_named():
         optimize_boxes(lambda b: b.sum(1), torch.tensor([[0.0, 0, float("nan"), 1]]))
     with pytest.raises(ValueError, match="score_fn"):
         optimize_boxes(lambda b: b.sum(), torch.zeros(2, 4))
+
+
+class _PerBoxTargets:
+    """True IoU of each box with its own target box, with ``select``: optimize_boxes then scores only
+    the boxes still running. Records the number of boxes of every call."""
+
+    def __init__(self, targets: torch.Tensor, calls: list[int]) -> None:
+        self.targets, self.calls = targets, calls
+
+    def __call__(self, boxes: torch.Tensor) -> torch.Tensor:
+        self.calls.append(len(boxes))
+        return torch.stack([analytic_iou(t)(b[None])[0] for t, b in zip(self.targets, boxes)])
+
+    def select(self, index: torch.Tensor) -> _PerBoxTargets:
+        return _PerBoxTargets(self.targets[index], self.calls)
+
+
+def test_a_scorer_with_select_scores_only_running_boxes_and_refines_the_same():
+    gen = torch.Generator().manual_seed(3)
+    targets = torch.tensor([20.0, 30.0, 80.0, 110.0], dtype=torch.float64) + torch.randn(12, 4, generator=gen,
+                                                                                        dtype=torch.float64) * 3
+    # Boxes 0-3 start on their target (Ω1 stops them at step 1), the others some pixels off.
+    boxes = targets + torch.randn(12, 4, generator=gen, dtype=torch.float64) * 4 * (torch.arange(12) >= 4)[:, None]
+    calls: list[int] = []
+    subset = optimize_boxes(_PerBoxTargets(targets, calls), boxes, iterations=6, step_size=0.5, early_stop=1e-3)
+    scorer = _PerBoxTargets(targets, [])
+    whole = optimize_boxes(lambda b: scorer(b), boxes, iterations=6, step_size=0.5, early_stop=1e-3)  # no select
+    for name in ("boxes", "scores", "trajectory", "predicted", "gradients", "stop_step", "stop_reason"):
+        assert torch.equal(getattr(subset, name), getattr(whole, name)), name
+    # Every call after a box stopped scored the running boxes only.
+    running = [int((subset.stop_step >= step).sum()) for step in range(7)]
+    assert calls == [n for n in running if n], (calls, running)
+    assert (subset.stop_step[:4] == 1).all() and calls[-1] < 12

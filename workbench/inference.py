@@ -30,10 +30,9 @@ from . import reproduce
 from .analysis._plotting import color, new_figure
 from .analysis.refinement import ALGORITHM2_KNOBS, record_knobs, refinement_to_record, stand_in_rerun
 from .data.images import CocoImages, decode_image
-from .models import extract_features, raw_detections
-from .models.features import FeatureBatch
+from .models import FeatureBatch, same_features
 from .paths import project_root
-from .pipeline import PipelineSettings, iou_scorer
+from .pipeline import IoUScorer, PipelineSettings, detect_image
 from .postprocess import suppress
 from .refine import Refinement, optimize_boxes
 from .results import reproduce_options
@@ -124,7 +123,7 @@ def refine(iou_net: nn.Module, feats: FeatureBatch, boxes: torch.Tensor, labels:
     unknown = set(knobs) - set(ALGORITHM2_KNOBS)
     if unknown:
         raise ValueError(f"unknown refinement settings {sorted(unknown)}; expected some of {ALGORITHM2_KNOBS}")
-    return optimize_boxes(iou_scorer(iou_net, feats, labels), boxes, image_size=feats.original_sizes[0], **knobs)
+    return optimize_boxes(IoUScorer(iou_net, feats, labels), boxes, image_size=feats.original_sizes[0], **knobs)
 
 
 def detect(image: str | Path | np.ndarray, dataset: str = "shapes", *, method: str = "iou-nms", fast: bool = False,
@@ -150,11 +149,7 @@ def detect(image: str | Path | np.ndarray, dataset: str = "shapes", *, method: s
     models = models if models is not None else trained_models(dataset, fast=fast, root=root)
     s, device = models.settings, next(models.iou_net.parameters()).device
     x = x.to(device)
-    with torch.no_grad():
-        raw = raw_detections(models.detector, extract_features(models.detector, [x]), s.score_thresh)[0]
-        raw = {k: v[: s.raw_max_detections] for k, v in raw.items()}
-        feats = models.iou_net.extract_features([x])
-        raw["ious"] = models.iou_net.predict_iou(feats, [raw["boxes"]], [raw["labels"]])[0]
+    raw, _, feats = detect_image(x, models.detector, models.iou_net, s, same_features(models.detector, models.iou_net))
     kept = suppress(raw, method, iou_threshold=s.nms_threshold, max_detections=s.max_detections)
     top = min(s.refine_top, len(kept["boxes"]))
     result = refine(models.iou_net, feats, kept["boxes"][:top], kept["labels"][:top], **record_knobs({"settings": s.as_dict()}))

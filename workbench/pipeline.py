@@ -18,7 +18,7 @@ import contextlib
 import dataclasses
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .data.validate import validate_results
-from .models import extract_features, raw_detections, regress_boxes, same_features, to_coco_results
+from .models import FeatureBatch, extract_features, raw_detections, regress_boxes, same_features, to_coco_results
 from .ops.boxes import matched_iou, pairwise_iou
 from .postprocess import METHODS, suppress
 from .refine import Refinement, iterative_regression, optimize_boxes
@@ -108,21 +108,36 @@ class _Clock:
         self.seconds[name] += time.perf_counter() - start
 
 
-def iou_scorer(model: nn.Module, feats, labels: Tensor) -> Callable[[Tensor], Tensor]:
+@dataclass(frozen=True)
+class IoUScorer:
     """``boxes -> predicted IoU`` on fixed features: the objective Algorithm 2 climbs.
 
-    Args:
+    Attributes:
         model: an IoU-Net (``predict_iou``); feats: its features of one image.
-        labels: Int64Tensor[K], the class of each box the scorer will be called with (Tensor[K, 4], (x0, y0, x1, y1) px).
+        labels: Int64Tensor[K], the class of each box the scorer is called with (Tensor[K, 4], (x0, y0, x1, y1) px).
     """
-    return lambda boxes: model.predict_iou(feats, [boxes], [labels])[0]
+
+    model: nn.Module
+    feats: FeatureBatch
+    labels: Tensor
+
+    def __call__(self, boxes: Tensor) -> Tensor:
+        return self.model.predict_iou(self.feats, [boxes], [self.labels])[0]
+
+    def select(self, index: Tensor) -> IoUScorer:
+        """The scorer of the boxes at positions ``index`` (Int64Tensor[M]): Algorithm 2 scores only running boxes."""
+        return IoUScorer(self.model, self.feats, self.labels[index])
 
 
 def refine_boxes(model: nn.Module, feats, boxes: Tensor, labels: Tensor, s: PipelineSettings) -> Refinement:
     """Algorithm 2 (:func:`workbench.refine.optimize_boxes`) on ``boxes`` (Tensor[K, 4], (x0, y0, x1, y1)
     px) of one image with ``s``' T, λ, Ω1, Ω2 and step reading, climbing ``model``'s predicted IoU on ``feats``;
     steps are clipped to the image."""
-    return optimize_boxes(iou_scorer(model, feats, labels), boxes, s.refine_iterations, s.refine_step_size,
+    # PrRoIPool reads each map channels-last (one C-vector per sample): converted once here, not at
+    # each of the T + 1 scorings.
+    feats = dataclasses.replace(feats, features=type(feats.features)(
+        (name, level.contiguous(memory_format=torch.channels_last)) for name, level in feats.features.items()))
+    return optimize_boxes(IoUScorer(model, feats, labels), boxes, s.refine_iterations, s.refine_step_size,
                           s.refine_early_stop, s.refine_degeneration, image_size=feats.original_sizes[0],
                           step_scaling=s.refine_step_scaling)
 
@@ -151,21 +166,6 @@ def _refine_reusing(model: nn.Module, feats, det: dict[str, Tensor], done: tuple
     earlier = same.to(torch.uint8).argmax(1) if same.numel() else found.new_zeros(found.shape, dtype=torch.long)
     index = torch.where(found, earlier, len(done_top["boxes"]) + (~found).cumsum(0) - 1)
     return top, Refinement.cat([done_result, fresh]).select(index)
-
-
-@contextlib.contextmanager
-def _without_parameter_grads(*models: nn.Module | None) -> Iterator[None]:
-    """Parameters off the autograd graph meanwhile: Algorithm 2 differentiates w.r.t. the boxes only, and
-    a parameter that requires grad makes every backward also compute its weight gradient (through the
-    IoU head's 12544 x 1024 layer as costly as the box gradient), never used."""
-    params = [p for m in models if m is not None for p in m.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
 
 
 def _with_boxes(det: dict[str, Tensor], boxes: Tensor) -> dict[str, Tensor]:
@@ -202,26 +202,54 @@ def _trajectory_record(top: dict[str, Tensor], result, target: dict[str, Tensor]
     }
 
 
-def _image_sets(
-    image: Tensor, detector: nn.Module, iou_net: nn.Module, joint: nn.Module | None,
-    s: PipelineSettings, clock: _Clock, nms_kwargs: dict, external: dict[str, Tensor] | None, share_features: bool,
-) -> tuple[dict[str, dict[str, Tensor]], tuple]:
-    """All detection sets of one image (tensors on the CPU) and the refinement to record.
+def detect_image(
+    image: Tensor, detector: nn.Module | None, iou_net: nn.Module, s: PipelineSettings, share_features: bool = False,
+    external: dict[str, Tensor] | None = None, clock: _Clock | None = None,
+) -> tuple[dict[str, Tensor], FeatureBatch | None, FeatureBatch]:
+    """The pipeline's first stage on one image: raw detections with the IoU-Net's predicted IoU.
 
-    ``share_features``: the IoU-Net's backbone computes the detector's maps (:func:`same_features`),
-    so those are reused instead of computed again."""
-    sets: dict[str, dict[str, Tensor]] = {}
+    Args:
+        image (Tensor[3, H, W]): in ``[0, 1]``, on the models' device.
+        detector: the baseline Faster R-CNN (eval mode); not used with ``external``.
+        iou_net: the IoU-Net (eval mode).
+        s: ``score_thresh`` and ``raw_max_detections`` are read.
+        share_features: the IoU-Net's backbone computes the detector's maps (:func:`same_features`), so
+            those are reused instead of computed again.
+        external: another detector's raw detections of this image (``boxes``, ``scores``, ``labels``,
+            highest score first), used instead of ``detector``'s.
+        clock: times the stages "detector (backbone + heads)" and "IoU-Net (predict IoU)".
+
+    Returns:
+        ``(raw, feats, iou_feats)``: ``raw`` holds ``boxes`` (Tensor[M, 4], (x0, y0, x1, y1) original
+        pixels), ``scores``, ``labels`` and ``ious`` (predicted IoU), highest score first, at most
+        ``raw_max_detections``; ``feats`` the detector's features (``None`` with ``external``);
+        ``iou_feats`` the IoU-Net's.
+    """
+    def stage(name: str):
+        return clock.stage(name) if clock is not None else contextlib.nullcontext()
+
     with torch.no_grad():
         if external is None:
-            with clock.stage("detector (backbone + heads)"):
+            with stage("detector (backbone + heads)"):
                 feats = extract_features(detector, [image])
                 raw = raw_detections(detector, feats, s.score_thresh)[0]
         else:
             feats, raw = None, {k: v.to(image.device) for k, v in external.items()}
         raw = {k: v[: s.raw_max_detections] for k, v in raw.items()}
-        with clock.stage("IoU-Net (predict IoU)"):
+        with stage("IoU-Net (predict IoU)"):
             iou_feats = feats if share_features and feats is not None else iou_net.extract_features([image])
             raw["ious"] = iou_net.predict_iou(iou_feats, [raw["boxes"]], [raw["labels"]])[0]
+    return raw, feats, iou_feats
+
+
+def _image_sets(
+    image: Tensor, detector: nn.Module, iou_net: nn.Module, joint: nn.Module | None,
+    s: PipelineSettings, clock: _Clock, nms_kwargs: dict, external: dict[str, Tensor] | None, share_features: bool,
+) -> tuple[dict[str, dict[str, Tensor]], tuple]:
+    """All detection sets of one image (tensors on the CPU) and the refinement to record; ``share_features``
+    and ``external`` as in :func:`detect_image`."""
+    sets: dict[str, dict[str, Tensor]] = {}
+    raw, feats, iou_feats = detect_image(image, detector, iou_net, s, share_features, external, clock)
     sets["raw"] = raw
     for method in METHODS[1:]:
         with clock.stage(method):
@@ -307,11 +335,12 @@ def run_pipeline(
         image, target = dataset[i]
         image_id = int(target["image_id"])
         clock = _Clock(device)
-        with _without_parameter_grads(detector, iou_net, joint):
-            sets, (top, result) = _image_sets(
-                image.to(device), detector, iou_net, joint, s, clock, nms_kwargs,
-                None if external is None else external.get(image_id, _no_detections()), share_features,
-            )
+        # Algorithm 2's gradients are taken w.r.t. the boxes alone (autograd.grad(inputs=boxes)), so
+        # the models' weight gradients are never computed.
+        sets, (top, result) = _image_sets(
+            image.to(device), detector, iou_net, joint, s, clock, nms_kwargs,
+            None if external is None else external.get(image_id, _no_detections()), share_features,
+        )
         for name, det in sets.items():
             fields = {k: det[k] for k in ("boxes", "scores", "labels")}
             if name == "raw":

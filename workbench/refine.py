@@ -145,7 +145,9 @@ def optimize_boxes(
     Args:
         score_fn: maps boxes ``Tensor[K, 4]`` to predicted IoUs ``Tensor[K]``, differentiable
             w.r.t. the boxes and independent across boxes (e.g. an IoU-Net head in eval mode on
-            fixed image features).
+            fixed image features). If it has a method ``select(index)`` returning the scorer of
+            the boxes at positions ``index`` (``Int64Tensor[M]``) among the ``K`` (e.g.
+            :class:`workbench.pipeline.IoUScorer`), boxes that have stopped are not scored again.
         boxes (Tensor[K, 4]): initial boxes ``(x0, y0, x1, y1)`` in the coordinates ``score_fn``
             expects; the paper starts from one step of box regression.
         iterations: ``T``, the maximum number of steps (paper: 5).
@@ -180,6 +182,7 @@ def optimize_boxes(
     stop_reason = torch.full((k,), RUNNING, dtype=torch.long, device=boxes.device)
     trajectory, predicted, gradients = [boxes.clone()], [], []
 
+    select = getattr(score_fn, "select", None)
     prev, grad = _score_and_gradient(score_fn, boxes)
     predicted.append(prev)
     for step in range(1, iterations + 1):
@@ -188,8 +191,12 @@ def optimize_boxes(
         # The new score and its gradient come from one forward/backward: the gradient is the
         # next step's, so each step costs one evaluation; after the last step, or once every box
         # has stopped, the gradient is never used, and then the forward alone (or nothing) runs.
-        if active.any():
+        if active.all() or (select is None and active.any()):
             new, grad = _score_and_gradient(score_fn, boxes, gradient=step < iterations)
+        elif active.any():  # score the running boxes only: a stopped box's score is never read again
+            running = torch.where(active)[0]
+            part, part_grad = _score_and_gradient(select(running), boxes[running], gradient=step < iterations)
+            new, grad = prev.index_put((running,), part), torch.zeros_like(boxes).index_put((running,), part_grad)
         else:
             new = prev
         new = torch.where(active, new, prev)

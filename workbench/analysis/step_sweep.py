@@ -30,8 +30,8 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from workbench.models import FeatureBatch, extract_features, raw_detections, to_coco_results
-from workbench.pipeline import PipelineSettings, refine_boxes
+from workbench.models import FeatureBatch, same_features, to_coco_results
+from workbench.pipeline import PipelineSettings, detect_image, refine_boxes
 from workbench.postprocess import suppress
 from workbench.refine import CONVERGED, DEGENERATED, RUNNING, STEP_SCALINGS, Refinement
 
@@ -62,15 +62,13 @@ def nms_starts(dataset, detector: nn.Module, iou_net: nn.Module, settings: Pipel
     """Detector, NMS and IoU-Net features of every image of ``dataset``, as :func:`workbench.pipeline.run_pipeline`
     computes them (``score_thresh``, ``raw_max_detections``, ``nms_threshold``, ``max_detections``, ``refine_top``)."""
     s = settings or PipelineSettings()
+    share = same_features(detector, iou_net)
     starts = []
     for i in tqdm(range(len(dataset)), desc="detector + NMS + IoU-Net features", unit="img"):
         image, target = dataset[i]
         image = image.to(device)
-        with torch.no_grad():
-            raw = raw_detections(detector, extract_features(detector, [image]), s.score_thresh)[0]
-            raw = {k: v[: s.raw_max_detections] for k, v in raw.items()}
-            nms = suppress(raw, "nms", iou_threshold=s.nms_threshold, max_detections=s.max_detections)
-            features = iou_net.extract_features([image])
+        raw, _, features = detect_image(image, detector, iou_net, s, share)
+        nms = suppress(raw, "nms", iou_threshold=s.nms_threshold, max_detections=s.max_detections)
         top = {k: nms[k][: s.refine_top] for k in ("boxes", "scores", "labels")}
         starts.append(Start(int(target["image_id"]), top, features))
     return starts

@@ -89,8 +89,10 @@ class MultiScalePrRoIPool(nn.Module):
                 order.append(index)
         if not pooled:
             return maps[0].new_zeros((0, maps[0].shape[1], *self.output_size))
+        if len(pooled) == 1:  # every box on one level: already in box order
+            return pooled[0]
         # Put the per-level results back in box order, without in-place writes, for autograd.
-        return torch.cat(pooled)[torch.cat(order).argsort()]
+        return torch.cat(pooled).index_select(0, torch.cat(order).argsort())
 
     def extra_repr(self) -> str:
         return (

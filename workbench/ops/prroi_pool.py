@@ -13,9 +13,10 @@ Paper Eq. 2-4. Conventions are those of the official implementation:
 
 The integral is separable. With ``P`` the antiderivative of ``tri``, a bin ``[xs, xe] x [ys, ye]``
 integrates to ``sum_ij d[i, j] Wy[i] Wx[j]`` where ``Wx[j] = P(xe - j) - P(xs - j)`` (same for
-``y``). The CPU path computes exactly that, vectorized over RoIs and bins, and autograd through
-``P`` gives the exact coordinate gradient (``dWx[j] / dxe = tri(xe - j)``: the line integrals of
-Eq. 4). CUDA tensors go to the kernels in ``workbench/kernels/prroi_pool.cu``, which implement the same sums.
+``y``). The CPU path computes exactly that, vectorized over RoIs and bins, and its backward is
+written out: the transposed sums for the map, and for the coordinates ``dWx[j] / dxe = tri(xe - j)``
+(the line integrals of Eq. 4). CUDA tensors go to the kernels in ``workbench/kernels/prroi_pool.cu``,
+which implement the same sums.
 """
 
 from __future__ import annotations
@@ -96,100 +97,135 @@ def _tri_antiderivative(t: Tensor) -> Tensor:
     return torch.where(t <= 0, 0.5 * (t + 1) ** 2, 0.5 + t - 0.5 * t * t)
 
 
-def _axis_weights(start: Tensor, length: Tensor, bins: int, size: int, whole: bool = False) -> tuple[Tensor, Tensor]:
-    """Per-bin interpolation weights along one axis, restricted to a window of samples.
+class _Axis:
+    """One axis of a chunk of RoIs: bin edges, the window of samples each RoI reads, their weights.
 
-    Args:
-        start (Tensor[K]): first edge of each RoI on this axis, in feature-map units.
-        length (Tensor[K]): extent of each RoI, already clamped at 0.
-        bins: number of bins on this axis.
-        size: number of samples of the feature map on this axis.
-        whole: the window is the whole axis, ``S = size``, for every RoI.
-
-    Returns:
-        (Tensor[K, bins, S], Tensor[K, S] int64): weights and the sample indices of each RoI's
-        window. The window starts at ``floor(start)`` (no sample left of it can touch the box) and
-        is wide enough for the largest RoI; entries past the map get weight 0.
+    ``start`` (Tensor[K]) is the first edge of each RoI and ``length`` (Tensor[K]) its extent clamped
+    at 0, in feature-map units; ``size`` samples on the axis; ``whole``: every window is the whole
+    axis. Attributes: ``edges`` (K, bins + 1); ``index`` (K, S) int64, the window, from
+    ``floor(start)`` (no sample left of it can touch the box) and as wide as the largest RoI, clamped
+    into the map; ``inside`` (K, S), the samples really in the map; ``weights`` (K, bins, S),
+    ``P(edge[b + 1] - s) - P(edge[b] - s)``, zero past the map.
     """
-    end = start + length
-    if whole:
-        lo, span = torch.zeros(start.shape, dtype=torch.long, device=start.device), size
-    else:
-        lo = start.detach().floor().clamp(0, size - 1).long()
-        hi = end.detach().ceil().clamp(0, size - 1).long()
-        span = int((hi - lo).max()) + 1 if start.numel() else 1
-    index = lo[:, None] + torch.arange(span, device=start.device)  # (K, S)
-    inside = index < size
-    edges = start[:, None] + length[:, None] / bins * torch.arange(bins + 1, device=start.device, dtype=start.dtype)
-    prim = _tri_antiderivative(edges[:, :, None] - index[:, None, :].to(start.dtype))  # (K, bins + 1, S)
-    weights = (prim[:, 1:] - prim[:, :-1]) * inside[:, None, :]
-    return weights, index.clamp(max=size - 1)
+
+    def __init__(self, start: Tensor, length: Tensor, bins: int, size: int, whole: bool) -> None:
+        if whole:
+            lo, span = torch.zeros(start.shape, dtype=torch.long, device=start.device), size
+        else:
+            lo = start.floor().clamp(0, size - 1).long()
+            hi = (start + length).ceil().clamp(0, size - 1).long()
+            span = int((hi - lo).max()) + 1 if start.numel() else 1
+        index = lo[:, None] + torch.arange(span, device=start.device)
+        self.bins, self.length = bins, length
+        self.inside = index < size
+        self.index = index.clamp(max=size - 1)
+        self.edges = start[:, None] + length[:, None] / bins * torch.arange(bins + 1, device=start.device,
+                                                                          dtype=start.dtype)
+        self.offsets = self.edges[:, :, None] - index[:, None, :].to(start.dtype)  # (K, bins + 1, S)
+        prim = _tri_antiderivative(self.offsets)
+        self.weights = (prim[:, 1:] - prim[:, :-1]) * self.inside[:, None, :]
+
+    def start_and_length_gradients(self, grad_weights: Tensor) -> tuple[Tensor, Tensor]:
+        """Gradients w.r.t. ``start`` and ``length`` given those w.r.t. ``weights``: ``dP/dt = tri(t)``
+        (the line integrals along the bin edges of Eq. 4) and ``edge[b] = start + length * b / bins``."""
+        grad_weights = grad_weights * self.inside[:, None, :]
+        zero = grad_weights.new_zeros(grad_weights[:, :1].shape)
+        grad_prim = torch.cat([zero, grad_weights], 1) - torch.cat([grad_weights, zero], 1)  # (K, bins + 1, S)
+        tri = (1 - self.offsets.abs()).clamp(min=0)
+        grad_edges = (grad_prim * tri).sum(2)  # (K, bins + 1)
+        fraction = torch.arange(self.bins + 1, device=grad_edges.device, dtype=grad_edges.dtype) / self.bins
+        return grad_edges.sum(1), grad_edges @ fraction
 
 
-def _prroi_pool_chunk(table: Tensor, shape: torch.Size, rois: Tensor, ph: int, pw: int, spatial_scale: float) -> Tensor:
-    """PrRoIPool of some RoIs from ``table``, the ``(N, C, H, W)`` map ``shape`` laid out as ``(N*H*W, C)``."""
-    _, _, height, width = shape
-    batch = rois[:, 0].long()
-    x0, y0, x1, y1 = (rois[:, 1:] * spatial_scale).unbind(1)
-    w = (x1 - x0).clamp(min=0)
-    h = (y1 - y0).clamp(min=0)
-    wy, rows = _axis_weights(y0, h, ph, height)  # (K, PH, Sy), (K, Sy)
-    wx, cols = _axis_weights(x0, w, pw, width)  # (K, PW, Sx), (K, Sx)
-    flat = (batch[:, None, None] * height + rows[:, :, None]) * width + cols[:, None, :]  # (K, Sy, Sx)
-    window = table.index_select(0, flat.reshape(-1)).view(*flat.shape, table.shape[1])  # (K, Sy, Sx, C)
-    partial = torch.einsum("kpi,kijc->kpjc", wy, window)  # (K, PH, Sx, C)
-    integral = torch.einsum("kpjc,kqj->kcpq", partial, wx)  # (K, C, PH, PW)
-    return _bin_means(integral, w, h, ph, pw)
+class _Chunk:
+    """Forward of PrRoIPool for RoIs of one image whose windows are similar, with what the backward needs.
+
+    Every bin is ``sum_ij wy[p, i] window[i, j] wx[q, j] / area``: two products whose long side is C
+    (batched products with a side of a few bins run far below the CPU's speed). ``window`` is the
+    ``(N*H*W, C)`` table gathered at each RoI's window (rows of contiguous C-vectors), or with
+    ``whole`` the image's whole map, shared by every RoI.
+    """
+
+    def __init__(self, table: Tensor, shape: tuple[int, int, int], rois: Tensor, ph: int, pw: int,
+                 spatial_scale: float, whole: bool) -> None:
+        height, width, channels = shape
+        x0, y0, x1, y1 = (rois[:, 1:] * spatial_scale).unbind(1)
+        self.spatial_scale = spatial_scale
+        self.positive_w, self.positive_h = x1 - x0 >= 0, y1 - y0 >= 0
+        w, h = (x1 - x0).clamp(min=0), (y1 - y0).clamp(min=0)
+        self.y = _Axis(y0, h, ph, height, whole)
+        self.x = _Axis(x0, w, pw, width, whole)
+        k, sy, sx = len(rois), self.y.index.shape[1], self.x.index.shape[1]
+        if whole:
+            self.flat = None
+            image = int(rois[0, 0])
+            self.rows = slice(image * height * width, (image + 1) * height * width)  # of the table
+            self.window = table[self.rows].view(1, sy, sx * channels)
+            self.partial = (self.y.weights.reshape(k * ph, sy) @ self.window[0]).view(k, ph, sx, channels)
+        else:
+            batch = rois[:, 0].long()
+            self.flat = ((batch[:, None, None] * height + self.y.index[:, :, None]) * width
+                         + self.x.index[:, None, :]).view(k, -1)  # (K, Sy*Sx)
+            self.window = table.index_select(0, self.flat.view(-1)).view(k, sy, sx * channels)
+            self.partial = torch.bmm(self.y.weights, self.window).view(k, ph, sx, channels)
+        area = (w / pw) * (h / ph)
+        # A zero-area RoI pools to exactly 0, with a zero gradient: its 1 / area is taken as 0.
+        self.inv_area = torch.where(area > 0, 1 / torch.where(area > 0, area, torch.ones_like(area)),
+                                    torch.zeros_like(area))
+        self.mean = torch.matmul(self.x.weights[:, None], self.partial) * self.inv_area[:, None, None, None]
+
+    def backward(self, grad: Tensor, grad_table: Tensor | None, coordinates: bool) -> Tensor | None:
+        """Given ``grad`` (K, PH, PW, C) w.r.t. the chunk's means, adds the gradient w.r.t. the map
+        into ``grad_table`` (the table's shape) when given, and returns the one w.r.t. the chunk's
+        ``rois`` (K, 5) if ``coordinates``."""
+        k, ph, pw, channels = grad.shape
+        sy, sx = self.y.index.shape[1], self.x.index.shape[1]
+        grad_sum = grad * self.inv_area[:, None, None, None]  # w.r.t. the bin integrals
+        # (K, PH, Sx, C): the row sums' gradient, sum_q wx[q, j] grad_sum[p, q]
+        grad_partial = torch.matmul(self.x.weights.transpose(1, 2)[:, None], grad_sum)
+        flat_partial = grad_partial.view(k, ph, sx * channels)
+        if grad_table is not None:
+            if self.flat is None:  # summed over the RoIs, which share the map
+                grad_map = self.y.weights.reshape(k * ph, sy).T @ flat_partial.reshape(k * ph, -1)  # (H, W*C)
+                grad_table[self.rows] += grad_map.view(-1, channels)
+            else:
+                grad_window = torch.bmm(self.y.weights.transpose(1, 2), flat_partial)  # (K, Sy, Sx*C)
+                grad_table.index_add_(0, self.flat.view(-1), grad_window.view(-1, channels))
+        if not coordinates:
+            return None
+        grad_wx = torch.matmul(grad_sum, self.partial.transpose(2, 3)).sum(1)  # (K, PW, Sx)
+        if self.flat is None:
+            grad_wy = (flat_partial.reshape(k * ph, -1) @ self.window[0].T).view(k, ph, sy)
+        else:
+            grad_wy = torch.bmm(flat_partial, self.window.transpose(1, 2))
+        # Through 1 / area: d mean / d area = -mean / area, and area = (w / PW) (h / PH).
+        grad_area = -(grad * self.mean).sum((1, 2, 3)) * self.inv_area
+        dx0, dw = self.x.start_and_length_gradients(grad_wx)
+        dy0, dh = self.y.start_and_length_gradients(grad_wy)
+        dw = dw + grad_area * self.y.length / (ph * pw)
+        dh = dh + grad_area * self.x.length / (ph * pw)
+        dw, dh = dw * self.positive_w, dh * self.positive_h
+        coords = torch.stack([dx0 - dw, dy0 - dh, dw, dh], 1) * self.spatial_scale
+        return torch.cat([coords.new_zeros(k, 1), coords], 1)
 
 
-def _prroi_pool_whole(features: Tensor, rois: Tensor, ph: int, pw: int, spatial_scale: float) -> Tensor:
-    """PrRoIPool of RoIs of one image with weights over the whole map: ``Wy · F · Wxᵀ`` as two matrix products."""
-    _, channels, height, width = features.shape
-    x0, y0, x1, y1 = (rois[:, 1:] * spatial_scale).unbind(1)
-    w = (x1 - x0).clamp(min=0)
-    h = (y1 - y0).clamp(min=0)
-    wy, _ = _axis_weights(y0, h, ph, height, whole=True)  # (K, PH, H)
-    wx, _ = _axis_weights(x0, w, pw, width, whole=True)  # (K, PW, W)
-    rows = features[int(rois[0, 0])].transpose(0, 1).reshape(height, channels * width)  # (H, C*W)
-    partial = (wy.reshape(-1, height) @ rows).view(len(rois), ph * channels, width)  # (K, PH*C, W)
-    integral = torch.bmm(partial, wx.transpose(1, 2)).view(len(rois), ph, channels, pw).transpose(1, 2)
-    return _bin_means(integral, w, h, ph, pw)
-
-
-def _bin_means(integral: Tensor, w: Tensor, h: Tensor, ph: int, pw: int) -> Tensor:
-    """Bin integrals ``(K, C, PH, PW)`` divided by the bin areas of RoIs of extents ``w`` x ``h``."""
-    area = (w / pw) * (h / ph)
-    # Dividing by a substitute area of 1 keeps zero-area bins at exactly 0 with a zero gradient.
-    nonempty = area > 0
-    area = torch.where(nonempty, area, torch.ones_like(area))
-    return torch.where(nonempty[:, None, None, None], integral / area[:, None, None, None], torch.zeros_like(integral))
-
-
-def _prroi_pool_cpu(features: Tensor, rois: Tensor, ph: int, pw: int, spatial_scale: float) -> Tensor:
-    """The reference path: pure PyTorch, differentiable by autograd, any device.
+def _chunks(features: Tensor, rois: Tensor, ph: int, pw: int, spatial_scale: float) -> list[tuple[Tensor, bool]]:
+    """Positions of the RoIs of each chunk and whether it pools over the whole map.
 
     Each RoI reads a window of samples as large as the largest RoI in its chunk, so RoIs are
     sorted by image and window size and chunked: similar sizes share a chunk, and a chunk's
     gathered window stays under ``_WINDOW_BUDGET`` elements. A chunk whose windows cover much of
-    the map uses weights over the whole map instead (:func:`_prroi_pool_whole`).
+    the map uses weights over the whole map instead, one image per chunk.
     """
     _, channels, height, width = features.shape
-    # Channels-last rows, so that each gathered sample is one contiguous C-vector and the
-    # backward is an index_add of rows. Made on the first windowed chunk: a copy of the map.
-    table = None
-    if rois.shape[0] == 0:
-        # Still through the graph, so the (empty) gradient reaches ``features`` as zeros.
-        return _prroi_pool_chunk(features.permute(0, 2, 3, 1).reshape(-1, channels), features.shape, rois, ph, pw,
-                                 spatial_scale)
-    scaled = rois[:, 1:].detach() * spatial_scale
+    scaled = rois[:, 1:] * spatial_scale
     rows = ((scaled[:, 3] - scaled[:, 1]).clamp(min=0) + 3).clamp(max=height)
     cols = ((scaled[:, 2] - scaled[:, 0]).clamp(min=0) + 3).clamp(max=width)
     window = (rows * cols * channels).tolist()
-    # By image, then by window size: a chunk pooled over the whole map must hold one image.
     images = rois[:, 0].tolist()
     order = sorted(range(len(window)), key=lambda i: (images[i], window[i]))
     whole_map = height * width * channels
-    outputs, start = [], 0
+    chunks, start = [], 0
     while start < len(order):
         image = images[order[start]]
         end = min(start + _MAX_CHUNK, len(order))
@@ -200,17 +236,49 @@ def _prroi_pool_cpu(features: Tensor, rois: Tensor, ph: int, pw: int, spatial_sc
         whole = bound * _DENSE_FRACTION > whole_map
         per_roi = max(ph, pw) * max(height, width) * channels if whole else bound
         size = int(min(end - start, max(1, _WINDOW_BUDGET // per_roi)))
-        index = torch.tensor(order[start:start + size], device=rois.device)
-        if whole:
-            outputs.append(_prroi_pool_whole(features, rois[index], ph, pw, spatial_scale))
-        else:
-            if table is None:
-                table = features.permute(0, 2, 3, 1).reshape(-1, channels)  # (N*H*W, C)
-            outputs.append(_prroi_pool_chunk(table, features.shape, rois[index], ph, pw, spatial_scale))
+        chunks.append((torch.tensor(order[start:start + size], device=rois.device), whole))
         start += size
-    inverse = torch.empty(len(order), dtype=torch.long, device=rois.device)
-    inverse[torch.tensor(order, device=rois.device)] = torch.arange(len(order), device=rois.device)
-    return torch.cat(outputs)[inverse]
+    return chunks
+
+
+class _PrRoIPoolTorch(torch.autograd.Function):
+    """PrRoIPool in PyTorch tensor ops (any device), with the exact backward written out: w.r.t.
+    the map, the transposed sums; w.r.t. the coordinates, the line integrals of Eq. 4."""
+
+    @staticmethod
+    def forward(ctx, features: Tensor, rois: Tensor, ph: int, pw: int, spatial_scale: float) -> Tensor:
+        n, channels, height, width = features.shape
+        # Channels-last rows: each gathered sample is one contiguous C-vector.
+        table = features.permute(0, 2, 3, 1).contiguous().view(n * height * width, channels)
+        out = features.new_zeros((len(rois), ph, pw, channels))
+        ctx.chunks = []
+        for index, whole in _chunks(features, rois, ph, pw, spatial_scale):
+            chunk = _Chunk(table, (height, width, channels), rois.index_select(0, index), ph, pw, spatial_scale, whole)
+            out.index_copy_(0, index, chunk.mean)
+            ctx.chunks.append((index, chunk))
+        ctx.table_shape = (n, height, width, channels)
+        return out.permute(0, 3, 1, 2)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        n, height, width, channels = ctx.table_shape
+        grad = grad_out.permute(0, 2, 3, 1)  # (K, PH, PW, C), as the chunks hold their means
+        grad_table = grad.new_zeros((n * height * width, channels)) if ctx.needs_input_grad[0] else None
+        grad_rois = grad.new_zeros((grad.shape[0], 5)) if ctx.needs_input_grad[1] else None
+        for index, chunk in ctx.chunks:
+            part = chunk.backward(grad.index_select(0, index), grad_table, grad_rois is not None)
+            if grad_rois is not None:
+                grad_rois.index_copy_(0, index, part)
+        grad_features = None
+        if grad_table is not None:
+            grad_features = grad_table.view(n, height, width, channels).permute(0, 3, 1, 2)
+        return grad_features, grad_rois, None, None, None
+
+
+def _prroi_pool_cpu(features: Tensor, rois: Tensor, ph: int, pw: int, spatial_scale: float) -> Tensor:
+    """The PyTorch path (:class:`_PrRoIPoolTorch`): CPU tensors, and the reference of the CUDA kernels."""
+    return _PrRoIPoolTorch.apply(features, rois, ph, pw, spatial_scale)
 
 
 _KERNEL_DTYPES = {torch.float32: ("float", np.float32), torch.float64: ("double", np.float64)}
