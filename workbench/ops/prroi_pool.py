@@ -255,7 +255,8 @@ class _PrRoIPoolTorch(torch.autograd.Function):
         for index, whole in _chunks(features, rois, ph, pw, spatial_scale):
             chunk = _Chunk(table, (height, width, channels), rois.index_select(0, index), ph, pw, spatial_scale, whole)
             out.index_copy_(0, index, chunk.mean)
-            ctx.chunks.append((index, chunk))
+            if any(ctx.needs_input_grad):  # else each chunk's windows are freed before the next is gathered
+                ctx.chunks.append((index, chunk))
         ctx.table_shape = (n, height, width, channels)
         return out.permute(0, 3, 1, 2)
 
