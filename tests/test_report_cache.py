@@ -1,10 +1,13 @@
-"""The report cache: a report folder is reused only when its inputs and every file are as recorded."""
+"""The report cache: a report folder is reused only when its inputs and every file are as recorded; the
+pipeline cache: its key names the code the pipeline runs."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from workbench import report_cache
+from workbench.files import source_digests
 
 
 def _folder(tmp_path):
@@ -54,3 +57,35 @@ def test_the_key_names_the_pipeline_output_the_arguments_and_the_input_files(tmp
     assert key != report_cache.report_key("shapes-0123", [extra], title="shapes", device="CPU")
     extra.unlink()
     assert key != report_cache.report_key("shapes-0123", [extra], title="shapes", device="CPU")
+
+
+def test_source_digests_cover_python_and_cuda_sources_outside_the_excluded_folders(tmp_path):
+    (tmp_path / "analysis").mkdir()
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "ops.py").write_text("x = 1\n")
+    (tmp_path / "analysis" / "plots.py").write_text("y = 2\n")
+    (tmp_path / "kernels" / "pool.cu").write_text("// kernel\n")
+    (tmp_path / "notes.txt").write_text("not code")
+    before = source_digests(tmp_path, exclude=("analysis",))
+    assert sorted(before) == ["kernels/pool.cu", "ops.py"]
+    assert sorted(source_digests(tmp_path)) == ["analysis/plots.py", "kernels/pool.cu", "ops.py"]
+    (tmp_path / "analysis" / "plots.py").write_text("y = 3\n")
+    assert source_digests(tmp_path, exclude=("analysis",)) == before
+    (tmp_path / "ops.py").write_text("x = 2\n")
+    assert source_digests(tmp_path, exclude=("analysis",))["ops.py"] != before["ops.py"]
+
+
+def test_the_pipeline_cache_key_changes_with_the_code_the_pipeline_runs(monkeypatch):
+    from workbench import reproduce
+    from workbench.pipeline import PipelineSettings
+
+    def key() -> str:
+        return reproduce._pipeline_key([], PipelineSettings(), {"name": "shapes"}, "")
+
+    base = key()
+    assert key() == base
+    hashed = source_digests(Path(reproduce.__file__).parent, reproduce.PIPELINE_FREE_CODE)
+    assert {"refine.py", "pipeline.py", "ops/prroi_pool.py", "kernels/prroi_pool.cu"} <= set(hashed)
+    assert not any(name.startswith(("analysis/", "widgets/")) for name in hashed)
+    monkeypatch.setattr(reproduce, "source_digests", lambda package, exclude=(): {**hashed, "refine.py": "edited"})
+    assert key() != base

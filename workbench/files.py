@@ -20,7 +20,7 @@ import os
 import socket
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -83,6 +83,15 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def source_digests(package: str | os.PathLike, exclude: Sequence[str] = ()) -> dict[str, str]:
+    """sha256 of every ``.py`` and ``.cu`` file under ``package`` (relative path -> digest), leaving out
+    the sub-folders named in ``exclude``: the code a cached result was computed with."""
+    root = Path(package)
+    files = sorted(p for p in root.rglob("*") if p.suffix in (".py", ".cu") and p.is_file())
+    return {str(p.relative_to(root)): sha256_file(p) for p in files
+            if p.relative_to(root).parts[0] not in exclude}
 
 
 def content_fingerprint(files: Mapping[str, str | os.PathLike], hash_cache: str | os.PathLike | None = None) -> str:

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
-from .files import atomic_write, sha256_file
+from .files import atomic_write, sha256_file, source_digests
 
 STAMP = "report-key.json"
 """File name of the stamp inside a report folder."""
@@ -49,7 +49,7 @@ def report_key(pipeline_key: str, inputs: Sequence[str | os.PathLike] = (), **ar
         inputs: other files the report reads; each counts by its sha256 (``"missing"`` if absent).
         **arguments: the report writer's other arguments (title, device name, backbone), as strings.
     """
-    code = {str(p.relative_to(_PACKAGE)): sha256_file(p) for p in sorted(_PACKAGE.rglob("*.py"))}
+    code = source_digests(_PACKAGE)
     files = {os.fspath(p): sha256_file(p) if Path(p).is_file() else "missing" for p in inputs}
     blob = json.dumps([pipeline_key, arguments, code, files, {n: _version(n) for n in _LIBRARIES}], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()

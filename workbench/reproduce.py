@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+import torchvision
 from matplotlib.figure import Figure
 
 from . import analysis, distributed, report_cache
@@ -42,7 +43,7 @@ from .analysis.experiments import (FIG3_SETS, FIG7_SETS, TABLE1_ROWS, refinement
                                    table3_paper_names, table3_rows)
 from .config import TrainConfig, apply_overrides, get_config
 from .data.validate import load_results
-from .files import atomic_write, locked, sha256_file
+from .files import atomic_write, locked, sha256_file, source_digests
 from .pipeline import PipelineOutput, PipelineSettings, run_pipeline
 from .train import build_dataset, build_model, load_checkpoint, train
 
@@ -160,13 +161,21 @@ def load_model(ckpt_path: Path, device: torch.device) -> torch.nn.Module:
 # Stage 2: the pipeline, cached by what determines its output.
 
 
+PIPELINE_FREE_CODE = ("analysis", "widgets")
+"""Sub-packages of ``workbench`` the pipeline never runs: editing them keeps the pipeline cache."""
+
+
 def _pipeline_key(checkpoints: list[Path], settings: PipelineSettings, data: dict, external: str,
                   val_fingerprint: str = "") -> str:
     # A checkpoint's folder name holds its data fingerprint, its own fingerprint the config.
     parts = [[c.parent.name, load_checkpoint(c, mmap=True)["fingerprint"]] for c in checkpoints]
     if external:
         parts.append(sha256_file(external))
-    blob = json.dumps([parts, settings.as_dict(), data, val_fingerprint], sort_keys=True, default=str)
+    # The code the pipeline runs (all but the analyses and widgets, which only read its output) and
+    # the libraries under it: a changed op or stage computes again instead of serving old numbers.
+    code = [source_digests(Path(__file__).resolve().parent, exclude=PIPELINE_FREE_CODE),
+            torch.__version__, torchvision.__version__]
+    blob = json.dumps([parts, settings.as_dict(), data, val_fingerprint, code], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
