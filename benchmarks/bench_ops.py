@@ -3,8 +3,8 @@
     python benchmarks/bench_ops.py [--device cpu|cuda|all] [--repeat N] [--quick] [--pipeline-images N]
 
 Prints a table and writes ``benchmarks/results/ops-<device name>.md`` and ``.json``. Timings are
-medians over ``--repeat`` runs after a warm-up; ratios (ours / peer) are what carries across
-machines. PrRoIPool's peer is ``torchvision.ops.roi_align`` (sampling_ratio 2, the usual setting):
+medians over at least ``--repeat`` runs after a warm-up, ours and the peer's calls alternating;
+ratios (ours / peer) are what carries across machines. PrRoIPool's peer is ``torchvision.ops.roi_align`` (sampling_ratio 2, the usual setting):
 it reads 4 points per bin where PrRoIPool integrates exactly, so PrRoIPool does more work. The
 peer of every NMS variant is ``torchvision.ops.nms`` on the same boxes (the issue's yardstick:
 Soft-NMS has no torchvision counterpart).
@@ -52,19 +52,30 @@ def device_name(device: str) -> str:
     return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
-def timeit(fn: Callable[[], object], device: str, repeat: int) -> float:
-    """Median wall time of ``fn`` in milliseconds."""
-    fn()
-    times = []
-    for _ in range(repeat):
+def timeit(fns: list[Callable[[], object]], device: str, repeat: int, budget_s: float = 1.0) -> list[float]:
+    """Median wall time of each of ``fns`` in milliseconds, the calls alternating.
+
+    Alternating, not timing one function ``repeat`` times and then the next, so that a host whose
+    speed drifts (a shared VM) slows both sides of a ratio alike. At least ``repeat`` rounds, more
+    (up to 200) while they fit in ``budget_s``: a millisecond op needs many for a stable median.
+    """
+
+    def once(fn: Callable[[], object]) -> float:
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         fn()
         if device == "cuda":
             torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        return (time.perf_counter() - start) * 1e3
+
+    round_ms = sum(once(fn) for fn in fns)  # also the warm-up
+    rounds = max(repeat, min(200, int(budget_s * 1e3 / max(round_ms, 1e-3))))
+    times = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, spent in zip(fns, times):
+            spent.append(once(fn))
+    return [statistics.median(spent) for spent in times]
 
 
 def fpn_like_inputs(device: str, quick: bool, seed: int = 0):
@@ -95,8 +106,7 @@ def run(device: str, repeat: int, quick: bool) -> list[dict]:
     rows = []
 
     def add(op: str, size: str, ours: Callable, peer: Callable | None, peer_name: str = "") -> None:
-        t_ours = timeit(ours, device, repeat)
-        t_peer = timeit(peer, device, repeat) if peer else None
+        t_ours, t_peer = timeit([ours, peer], device, repeat) if peer else (*timeit([ours], device, repeat), None)
         rows.append({
             "op": op, "size": size, "ours_ms": round(t_ours, 3),
             "peer": peer_name, "peer_ms": None if t_peer is None else round(t_peer, 3),
