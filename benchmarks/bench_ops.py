@@ -4,20 +4,21 @@
 
 Prints a table and writes ``benchmarks/results/ops-<device name>.md`` and ``.json``. Timings are
 medians over at least ``--repeat`` runs after a warm-up, ours and the peer's calls alternating;
-ratios (ours / peer) are what carries across machines. PrRoIPool's peer is ``torchvision.ops.roi_align`` (sampling_ratio 2, the usual setting):
-it reads 4 points per bin where PrRoIPool integrates exactly, so PrRoIPool does more work. The
-peer of every NMS variant is ``torchvision.ops.nms`` on the same boxes (the issue's yardstick:
-Soft-NMS has no torchvision counterpart).
+ratios (ours / peer) are what carries across machines. PrRoIPool's peer is
+``torchvision.ops.roi_align`` (sampling_ratio 2, the usual setting): it reads 4 points per bin where
+PrRoIPool integrates exactly, so PrRoIPool does more work. The peer of every NMS variant is
+``torchvision.ops.nms`` on the same boxes (the issue's yardstick: Soft-NMS has no torchvision
+counterpart).
 
 On the CPU it also times the pipeline (:func:`workbench.pipeline.run_pipeline`) per stage and per
 image on the validation images of the ``shapes`` and ``neon-trees`` presets, with the checkpoints
 ``reproduce --config <preset> --no-joint`` uses (without its IoU-Net checkpoint, an untrained IoU
-head on the detector's backbone, which costs the same), the first image left out as warm-up. The
-row that matters is refinement (after IoU-guided NMS) / detector; beside it, the IoU head's fully
+head on the detector's backbone, which costs the same), the first image left out as warm-up. The row
+that matters is refinement (after IoU-guided NMS) / detector; beside it, the IoU head's fully
 connected layers alone on the batches refinement scored (:func:`head_layers_seconds`), a floor no
-faster pooling can go below. The IoU-Net stage reuses the
-detector's maps when its frozen backbone has the same weights; refinement after NMS refines only
-the boxes IoU-guided NMS did not keep (the others' refinement is the same).
+faster pooling can go below. The IoU-Net stage reuses the detector's maps when its frozen backbone
+has the same weights; refinement after NMS refines only the boxes IoU-guided NMS did not keep (the
+others' refinement is the same).
 """
 
 from __future__ import annotations
@@ -105,14 +106,11 @@ def detection_inputs(device: str, n: int, seed: int = 0):
 def run(device: str, repeat: int, quick: bool) -> list[dict]:
     rows = []
 
-    def add(op: str, size: str, ours: Callable, peer: Callable | None, peer_name: str = "") -> None:
-        t_ours, t_peer = timeit([ours, peer], device, repeat) if peer else (*timeit([ours], device, repeat), None)
-        rows.append({
-            "op": op, "size": size, "ours_ms": round(t_ours, 3),
-            "peer": peer_name, "peer_ms": None if t_peer is None else round(t_peer, 3),
-            "ratio": None if t_peer is None else round(t_ours / t_peer, 2),
-        })
-        print(f"  {op:<28} {size:<22} {t_ours:9.3f} ms" + (f"   {peer_name} {t_peer:9.3f} ms  x{t_ours / t_peer:.2f}" if t_peer else ""))
+    def add(op: str, size: str, ours: Callable, peer: Callable, peer_name: str) -> None:
+        t_ours, t_peer = timeit([ours, peer], device, repeat)
+        rows.append({"op": op, "size": size, "ours_ms": round(t_ours, 3), "peer": peer_name,
+                     "peer_ms": round(t_peer, 3), "ratio": round(t_ours / t_peer, 2)})
+        print(f"  {op:<28} {size:<22} {t_ours:9.3f} ms   {peer_name} {t_peer:9.3f} ms  x{t_ours / t_peer:.2f}")
 
     features, rois = fpn_like_inputs(device, quick)
     size = f"{tuple(features.shape)} K={len(rois)}"
@@ -211,8 +209,7 @@ def write(rows: list[dict], device: str, pipelines: list[dict]) -> Path:
              f"{meta['date']}. Median ms; ratio = ours / peer (lower is better for us).", "",
              "| op | size | ours (ms) | peer | peer (ms) | ratio |", "|---|---|---:|---|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['op']} | {r['size']} | {r['ours_ms']} | {r['peer']} | "
-                     f"{'' if r['peer_ms'] is None else r['peer_ms']} | {'' if r['ratio'] is None else r['ratio']} |")
+        lines.append(f"| {r['op']} | {r['size']} | {r['ours_ms']} | {r['peer']} | {r['peer_ms']} | {r['ratio']} |")
     for p in pipelines:
         lines += ["", f"## Pipeline, {p['preset']}: ms per image ({p['images']} validation images)", "",
                   f"Checkpoints: {p['detector_checkpoint']}, {p['iou_checkpoint']}. "

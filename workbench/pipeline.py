@@ -204,7 +204,7 @@ def _trajectory_record(top: dict[str, Tensor], result, target: dict[str, Tensor]
 
 def detect_image(
     image: Tensor, detector: nn.Module | None, iou_net: nn.Module, s: PipelineSettings, share_features: bool = False,
-    external: dict[str, Tensor] | None = None, clock: _Clock | None = None,
+    external: dict[str, Tensor] | None = None, clock: _Clock | None = None, predict_ious: bool = True,
 ) -> tuple[dict[str, Tensor], FeatureBatch | None, FeatureBatch]:
     """The pipeline's first stage on one image: raw detections with the IoU-Net's predicted IoU.
 
@@ -218,10 +218,11 @@ def detect_image(
         external: another detector's raw detections of this image (``boxes``, ``scores``, ``labels``,
             highest score first), used instead of ``detector``'s.
         clock: times the stages "detector (backbone + heads)" and "IoU-Net (predict IoU)".
+        predict_ious: add ``ious``; without it only the IoU-Net's features are computed.
 
     Returns:
         ``(raw, feats, iou_feats)``: ``raw`` holds ``boxes`` (Tensor[M, 4], (x0, y0, x1, y1) original
-        pixels), ``scores``, ``labels`` and ``ious`` (predicted IoU), highest score first, at most
+        pixels), ``scores``, ``labels`` and ``ious`` (predicted IoU, with ``predict_ious``), highest score first, at most
         ``raw_max_detections``; ``feats`` the detector's features (``None`` with ``external``);
         ``iou_feats`` the IoU-Net's.
     """
@@ -238,7 +239,8 @@ def detect_image(
         raw = {k: v[: s.raw_max_detections] for k, v in raw.items()}
         with stage("IoU-Net (predict IoU)"):
             iou_feats = feats if share_features and feats is not None else iou_net.extract_features([image])
-            raw["ious"] = iou_net.predict_iou(iou_feats, [raw["boxes"]], [raw["labels"]])[0]
+            if predict_ious:
+                raw["ious"] = iou_net.predict_iou(iou_feats, [raw["boxes"]], [raw["labels"]])[0]
     return raw, feats, iou_feats
 
 

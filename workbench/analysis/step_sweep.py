@@ -67,7 +67,7 @@ def nms_starts(dataset, detector: nn.Module, iou_net: nn.Module, settings: Pipel
     for i in tqdm(range(len(dataset)), desc="detector + NMS + IoU-Net features", unit="img"):
         image, target = dataset[i]
         image = image.to(device)
-        raw, _, features = detect_image(image, detector, iou_net, s, share)
+        raw, _, features = detect_image(image, detector, iou_net, s, share, predict_ious=False)
         nms = suppress(raw, "nms", iou_threshold=s.nms_threshold, max_detections=s.max_detections)
         top = {k: nms[k][: s.refine_top] for k in ("boxes", "scores", "labels")}
         starts.append(Start(int(target["image_id"]), top, features))
