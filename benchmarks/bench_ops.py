@@ -16,9 +16,11 @@ image on the validation images of the ``shapes`` and ``neon-trees`` presets, wit
 head on the detector's backbone, which costs the same), the first image left out as warm-up. The row
 that matters is refinement (after IoU-guided NMS) / detector; beside it, the IoU head's fully
 connected layers alone on the batches refinement scored (:func:`head_layers_seconds`), a floor no
-faster pooling can go below. The IoU-Net stage reuses the detector's maps when its frozen backbone
-has the same weights; refinement after NMS refines only the boxes IoU-guided NMS did not keep (the
-others' refinement is the same).
+faster pooling can go below. The same products are counted in floating-point operations beside the
+detector's (:func:`detector_flops`), which says, whatever the host, how much arithmetic refinement
+asks of a CPU against the detector it is compared with. The IoU-Net stage reuses the detector's maps
+when its frozen backbone has the same weights; refinement after NMS refines only the boxes IoU-guided
+NMS did not keep (the others' refinement is the same).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import numpy as np
 
 import torch
 import torchvision
+from torch.utils.flop_counter import FlopCounterMode
 
 from workbench import ops
 from workbench.files import atomic_write
@@ -164,27 +167,52 @@ def _pipeline_stages(preset: str, images: int) -> dict | None:
     detector = load_model(det_ckpt, cpu)
     iou_net = load_model(iou_ckpt, cpu) if iou_ckpt.is_file() else StandaloneIoUNet(detector=detector).eval()
     settings = PipelineSettings(max_images=images + 1)
-    out = run_pipeline(build_dataset(plan.val), detector, iou_net, settings)
+    dataset = build_dataset(plan.val)
+    out = run_pipeline(dataset, detector, iou_net, settings)
     stages = {name: float(np.mean(values[1:])) for name, values in out.seconds.items()}
-    stages[FC_FLOOR] = float(np.mean([head_layers_seconds(iou_net.iou_head, out.trajectories.stop_step[
-        out.trajectories.image_id == image_id], settings.refine_iterations) for image_id in out.image_ids[1:]]))
+    stop_steps = [out.trajectories.stop_step[out.trajectories.image_id == image_id] for image_id in out.image_ids[1:]]
+    head, iterations = iou_net.iou_head, settings.refine_iterations
+    stages[FC_FLOOR] = float(np.mean([head_layers_seconds(head, steps, iterations) for steps in stop_steps]))
     for name, seconds in stages.items():
         print(f"  {preset:<11} {name:<46} {seconds * 1e3:9.1f} ms / image")
     ratio = stages[REFINE_STAGE] / stages[DETECTOR_STAGE]
     floor = stages[FC_FLOOR] / stages[DETECTOR_STAGE]
     print(f"  {preset:<11} refinement / detector: {ratio:.2f} (its fully connected layers alone: {floor:.2f})")
+    # The images the stages were averaged over: the pipeline's, but the warm-up.
+    gflop = {"detector": float(np.mean([detector_flops(detector, dataset[i][0], settings.score_thresh)
+                                        for i in range(1, images + 1)])) / 1e9,
+             "refinement FC": float(np.mean([head_layers_flops(head, steps, iterations) for steps in stop_steps])) / 1e9}
+    rate = {"detector": gflop["detector"] / stages[DETECTOR_STAGE],
+            "refinement FC": gflop["refinement FC"] / stages[FC_FLOOR]}
+    flop_ratio = gflop["refinement FC"] / gflop["detector"]
+    print(f"  {preset:<11} GFLOP / image: detector {gflop['detector']:.1f} ({rate['detector']:.0f} GFLOP/s), "
+          f"refinement's FC products {gflop['refinement FC']:.1f} ({rate['refinement FC']:.0f} GFLOP/s): "
+          f"{flop_ratio:.2f} of the detector's")
     return {"preset": preset, "images": images, "detector_checkpoint": str(det_ckpt),
             "iou_checkpoint": str(iou_ckpt) if iou_ckpt.is_file() else "untrained IoU head",
             "ms_per_image": {k: round(v * 1e3, 1) for k, v in stages.items()},
-            "refinement_over_detector": round(ratio, 3), "fc_layers_over_detector": round(floor, 3)}
+            "refinement_over_detector": round(ratio, 3), "fc_layers_over_detector": round(floor, 3),
+            "gflop_per_image": {k: round(v, 2) for k, v in gflop.items()},
+            "gflop_per_second": {k: round(v, 1) for k, v in rate.items()},
+            "fc_flops_over_detector": round(flop_ratio, 3)}
 
 
-def head_layers_seconds(head: torch.nn.Module, stop_step: np.ndarray, iterations: int) -> float:
-    """Seconds the IoU head's fully connected layers alone take on the batches Algorithm 2 scored in one
-    image: before the first step every box, at step ``t`` the boxes still running (``stop_step >= t``),
-    each scoring with its input gradient but the last. Pooled inputs are random: a matrix product's
-    time does not depend on the values. What no faster pooling or bookkeeping can remove."""
-    start = time.perf_counter()
+def detector_flops(detector: torch.nn.Module, image: torch.Tensor, score_thresh: float) -> int:
+    """Floating-point operations of the pipeline's detector stage on ``image`` (Tensor[3, H, W]) as
+    ``FlopCounterMode`` counts them: convolutions and matrix products (its box head's included), not
+    ``roi_align``'s interpolation, which it does not know."""
+    from workbench.models import extract_features, raw_detections
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        raw_detections(detector, extract_features(detector, [image]), score_thresh)
+    return counter.get_total_flops()
+
+
+def _head_layers(head: torch.nn.Module, stop_step: np.ndarray, iterations: int) -> None:
+    """The IoU head's fully connected layers on the batches Algorithm 2 scored in one image: before the
+    first step every box, at step ``t`` the boxes still running (``stop_step >= t``), each scoring with
+    its input gradient but the last. Pooled inputs are random: a matrix product's time and operation
+    count do not depend on the values."""
     for step in range(iterations + 1):
         k = int((stop_step >= step).sum())
         if k == 0:
@@ -193,8 +221,23 @@ def head_layers_seconds(head: torch.nn.Module, stop_step: np.ndarray, iterations
         with torch.set_grad_enabled(step < iterations):
             out = head.predictor(head.fc(pooled))[:, 0]
             if step < iterations:
-                torch.autograd.grad(out.sum(), pooled)
+                # backward(inputs=) as refinement's autograd.grad(inputs) computes: the input's gradient only
+                # (FlopCounterMode's hooks refuse autograd.grad on a leaf).
+                out.sum().backward(inputs=[pooled])
+
+
+def head_layers_seconds(head: torch.nn.Module, stop_step: np.ndarray, iterations: int) -> float:
+    """Seconds of :func:`_head_layers`: what no faster pooling or bookkeeping can remove."""
+    start = time.perf_counter()
+    _head_layers(head, stop_step, iterations)
     return time.perf_counter() - start
+
+
+def head_layers_flops(head: torch.nn.Module, stop_step: np.ndarray, iterations: int) -> int:
+    """Floating-point operations of :func:`_head_layers` (its forward and input-gradient products)."""
+    with FlopCounterMode(display=False) as counter:
+        _head_layers(head, stop_step, iterations)
+    return counter.get_total_flops()
 
 
 def write(rows: list[dict], device: str, pipelines: list[dict]) -> Path:
@@ -214,7 +257,11 @@ def write(rows: list[dict], device: str, pipelines: list[dict]) -> Path:
         lines += ["", f"## Pipeline, {p['preset']}: ms per image ({p['images']} validation images)", "",
                   f"Checkpoints: {p['detector_checkpoint']}, {p['iou_checkpoint']}. "
                   f"Refinement (after IoU-guided NMS) / detector: **{p['refinement_over_detector']}**; "
-                  f"its fully connected layers alone / detector: {p['fc_layers_over_detector']}.", "",
+                  f"its fully connected layers alone / detector: {p['fc_layers_over_detector']}. "
+                  f"GFLOP per image (convolutions and matrix products): detector {p['gflop_per_image']['detector']} "
+                  f"at {p['gflop_per_second']['detector']} GFLOP/s, refinement's fully connected products "
+                  f"{p['gflop_per_image']['refinement FC']} at {p['gflop_per_second']['refinement FC']} GFLOP/s: "
+                  f"{p['fc_flops_over_detector']} of the detector's.", "",
                   "| stage | ms / image |", "|---|---:|"]
         lines += [f"| {name} | {ms} |" for name, ms in p["ms_per_image"].items()]
     path = RESULTS / f"ops-{slug}.md"
