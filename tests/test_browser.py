@@ -468,11 +468,20 @@ def test_nms_explorer_in_the_browser(lab, browser):
     presses = int(round((float(np.sort(scores)[-4]) - 0.05) / 0.01))  # just below the 4th-highest score
     press_slider(page, output, "min score", "ArrowRight", presses)
     value = 0.05 + 0.01 * presses
-    wait_until(lambda: len(nms_explorer_view(output)["rows"]) < len(before), 30, "the table to shrink")
-    slider_value = float(output.locator(".widget-slider").filter(has=page.locator("label", has_text="min score"))
-                         .locator(".widget-readout").inner_text())
-    assert slider_value == pytest.approx(value, abs=1e-6)
-    after = check(nms_explorer_view(output), slider_value)
+    min_score_readout = output.locator(".widget-slider").filter(has=page.locator("label", has_text="min score")).locator(
+        ".widget-readout")
+    wait_until(lambda: float(min_score_readout.inner_text()) == pytest.approx(value, abs=1e-6), 30, f"the control to read {value:.2f}")
+
+    # Each key press re-draws the explorer, so the table passes through the intermediate scores: wait for the
+    # last one's rows (and their numbers in the figure); check() then asserts everything on that view.
+    def settled():
+        view = nms_explorer_view(output)
+        numbers = [int(r["#"]) for r in view["rows"]]
+        drawn = sorted(int(text) for text, _, _ in view["numbers"])
+        return numbers == expected_rows(scores, removed_by, value, rows=12) and drawn == sorted(numbers)
+
+    wait_until(settled, 30, f"the table and figure at min score {value:.2f}")
+    after = check(nms_explorer_view(output), float(min_score_readout.inner_text()))
     assert set(after) < set(before)
     assert_no_widget_errors(page)
     ARTIFACTS.mkdir(exist_ok=True)
